@@ -1,0 +1,188 @@
+"""The worker: `handle(event, context)` runs one invoke event.
+
+It is the Lambda function's handler (`lambdafutures_handler.worker.handle`) and runs unchanged
+in the local backend's worker processes. It loads the payload (inline or from the object
+store), refuses payloads that fail their signature or come from another runtime, runs the
+call(s), stores the result (inline or in the object store) and sends the completion.
+
+Every path ends in exactly one completion sent to the event's reply address, except an event
+too broken to name a reply address: that one raises, and Lambda's failure destination (or
+the local supervisor) reports it.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+import traceback
+import uuid
+from typing import Any
+
+import cloudpickle
+
+from . import protocol
+from .transport import open_store, send_reply
+
+WORKER_ID = uuid.uuid4().hex[:12]
+_invocations = 0
+
+# The worker reports a timeout itself this long before the sandbox would be killed, so the
+# host learns it from a completion instead of waiting for its own deadline.
+_TIMEOUT_REPORT_MARGIN_S = 1.0
+
+
+def handle(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    global _invocations
+    job_start = time.time()
+    cold = _invocations == 0
+    _invocations += 1
+    protocol.check_event(event)
+
+    stats: dict[str, Any] = {
+        "job_start": job_start,
+        "worker_id": WORKER_ID,
+        "cold_start": cold,
+        "request_id": getattr(context, "aws_request_id", None),
+        "memory_limit_mb": _memory_limit_mb(context),
+    }
+    watchdog = _TimeoutWatchdog(event, context, stats)
+    watchdog.start()
+    try:
+        completion = _run(event, stats)
+    finally:
+        watchdog.cancel()
+    if watchdog.fired:
+        return {"task": event["task"], "status": "timeout"}
+    send_reply(event["reply"], completion)
+    return {"task": event["task"], "status": completion["status"]}
+
+
+def _run(event: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    def failed(kind: str, type_name: str, message: str, tb: str = "", result=None, sig=None):
+        _finish_stats(stats)
+        return protocol.make_completion(
+            event, status="error", stats=stats, result=result, sig=sig,
+            error=protocol.error_info(kind, type_name, message, tb))
+
+    mine = protocol.runtime_versions()
+    theirs = event["host"]
+    if (theirs.get("python"), theirs.get("cloudpickle")) != (mine["python"], mine["cloudpickle"]):
+        return failed(
+            protocol.MISMATCH, "RuntimeMismatch",
+            f"host runs Python {theirs.get('python')} with cloudpickle "
+            f"{theirs.get('cloudpickle')}, worker runs Python {mine['python']} with "
+            f"cloudpickle {mine['cloudpickle']}")
+
+    key = protocol.decode_key(event["key"])
+    store = open_store(event["store"])
+    blob = event["payload"]
+    stored = protocol.blob_key(blob)
+    data = store.get(stored) if stored else protocol.read_inline(blob)
+    if not protocol.verify(key, data, event.get("sig")):
+        return failed(protocol.SIGNATURE, "SignatureMismatch",
+                      "payload signature does not match; refusing to unpickle it")
+    try:
+        fn, calls, batch = cloudpickle.loads(data)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported, not raised
+        return failed(protocol.SERIALIZATION, type(exc).__name__,
+                      f"payload cannot be unpickled on the worker: {exc!r}",
+                      traceback.format_exc())
+    stats["setup_done"] = time.time()
+
+    try:
+        results = [fn(*args, **kwargs) for args, kwargs in calls]
+    except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+        stats["job_done"] = time.time()
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            pickled = cloudpickle.dumps(exc)
+        except Exception:  # noqa: BLE001 - the text form below still reaches the host
+            pickled = None
+        result, sig = (None, None)
+        if pickled is not None:
+            result, sig = _store_blob(event, store, key, pickled)
+        return failed(protocol.USER, _qualified_name(type(exc)), str(exc), tb, result, sig)
+    stats["job_done"] = time.time()
+
+    value = results if batch else results[0]
+    try:
+        pickled = cloudpickle.dumps(value)
+    except Exception as exc:  # noqa: BLE001 - reported to the host as a SerializationError
+        return failed(protocol.SERIALIZATION, type(exc).__name__,
+                      f"result of type {_qualified_name(type(value))} cannot be pickled: "
+                      f"{exc}", traceback.format_exc())
+    result, sig = _store_blob(event, store, key, pickled)
+    _finish_stats(stats)
+    return protocol.make_completion(event, status="ok", stats=stats, result=result, sig=sig)
+
+
+def _store_blob(event, store, key: bytes, data: bytes):
+    limit = event.get("inline_limit", protocol.DEFAULT_INLINE_LIMIT)
+    if protocol.fits_inline(len(data), limit):
+        blob = protocol.inline_blob(data)
+    else:
+        object_key = protocol.result_key(event["executor"], event["task"], event["attempt"])
+        store.put(object_key, data)
+        blob = protocol.stored_blob(object_key)
+    return blob, protocol.sign(key, data)
+
+
+def _finish_stats(stats: dict[str, Any]) -> None:
+    now = time.time()
+    stats.setdefault("setup_done", now)
+    stats.setdefault("job_done", now)
+    stats["sent_at"] = time.time()
+    stats["billed_ms"] = int((stats["sent_at"] - stats["job_start"]) * 1000) + 1
+    stats["peak_memory_mb"] = _peak_memory_mb()
+
+
+def _qualified_name(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _peak_memory_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _memory_limit_mb(context: Any) -> int | None:
+    value = getattr(context, "memory_limit_in_mb", None)
+    return int(value) if value is not None else None
+
+
+class _TimeoutWatchdog:
+    """Reports TIMEOUT shortly before the sandbox is killed for running too long."""
+
+    def __init__(self, event: dict[str, Any], context: Any, stats: dict[str, Any]) -> None:
+        self.fired = False
+        self._event = event
+        self._stats = stats
+        self._timer: threading.Timer | None = None
+        remaining = getattr(context, "get_remaining_time_in_millis", None)
+        millis = remaining() if remaining is not None else None
+        if millis is not None:
+            seconds = millis / 1000.0
+            margin = min(_TIMEOUT_REPORT_MARGIN_S, seconds / 10)
+            self._timer = threading.Timer(max(0.0, seconds - margin), self._fire)
+            self._timer.daemon = True
+            self._seconds = seconds
+
+    def start(self) -> None:
+        if self._timer is not None:
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _fire(self) -> None:
+        self.fired = True
+        stats = dict(self._stats, reported_at=time.time())
+        limit = self._event.get("timeout") or self._seconds
+        send_reply(self._event["reply"], protocol.failure_completion(
+            self._event, protocol.TIMEOUT, f"task ran longer than its {limit:g} s limit",
+            stats))

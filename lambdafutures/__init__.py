@@ -1,0 +1,36 @@
+"""lambdafutures: AWS Lambda as a concurrent.futures executor."""
+
+from .errors import (
+    BrokenExecutor,
+    InvocationFailed,
+    LambdaFuturesError,
+    RemoteError,
+    RemoteTraceback,
+    RuntimeMismatch,
+    SerializationError,
+    SignatureMismatch,
+    TaskTimeout,
+    WorkerCrashed,
+)
+from .executor import LambdaExecutor
+from .observe.stats import TaskStats, stats_of
+from .serialize import ship_by_value
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokenExecutor",
+    "InvocationFailed",
+    "LambdaExecutor",
+    "LambdaFuturesError",
+    "RemoteError",
+    "RemoteTraceback",
+    "RuntimeMismatch",
+    "SerializationError",
+    "SignatureMismatch",
+    "TaskStats",
+    "TaskTimeout",
+    "WorkerCrashed",
+    "ship_by_value",
+    "stats_of",
+]

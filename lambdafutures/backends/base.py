@@ -1,0 +1,56 @@
+"""The three narrow interfaces a backend is made of, and the backend bundle itself.
+
+The executor core only ever talks to these; which cloud (or none) sits behind them is the
+backend's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class ObjectStore(Protocol):
+    """Blobs too large to travel inline: payloads and results."""
+
+    url: str
+
+    def put(self, key: str, data: bytes) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def delete(self, keys: Iterable[str]) -> None: ...
+
+
+class Invoker(Protocol):
+    """Starts one task, fire-and-forget. May block (an HTTP call); may raise."""
+
+    def invoke(self, event: dict[str, Any]) -> None: ...
+
+
+class CompletionQueue(Protocol):
+    """Where workers' completion messages arrive, read by the executor's completion thread.
+
+    `receive` returns up to `max_messages` protocol completion messages (dicts), waiting at
+    most `wait` seconds for the first; `ack` tells the queue they were handled."""
+
+    def receive(self, max_messages: int, wait: float) -> list[dict[str, Any]]: ...
+    def ack(self, messages: list[dict[str, Any]]) -> None: ...
+
+
+@dataclass
+class Backend:
+    name: str
+    store: ObjectStore
+    invoker: Invoker
+    completions: CompletionQueue
+    reply_url: str
+    invoke_threads: int
+    inline_limit: int
+    # Host-side backstop on top of the per-task timeout, for a task nothing reports on.
+    deadline_margin: float
+    default_max_workers: int
+    closers: list
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            close()

@@ -1,0 +1,79 @@
+"""The local backend: the worker code in local processes, no AWS account or server needed.
+
+The object store is a temporary directory (removed at shutdown) and completions come back
+through the worker pool's sockets into an in-process queue. When the pool sees a worker die
+or run out of time, it writes the failure completion that Lambda's failure destination
+would carry on AWS.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import tempfile
+from typing import Any
+
+from lambdafutures_handler import protocol
+from lambdafutures_handler.transport import FileStore
+
+from .base import Backend
+from .pool import WorkerPool
+
+
+class LocalCompletionQueue:
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+
+    def put(self, message: dict[str, Any]) -> None:
+        self._queue.put(message)
+
+    def report_failure(self, event: dict[str, Any], kind: str, message: str) -> None:
+        self._queue.put(protocol.failure_completion(event, kind, message))
+
+    def receive(self, max_messages: int, wait: float) -> list[dict[str, Any]]:
+        try:
+            messages = [self._queue.get(timeout=wait)]
+        except queue.Empty:
+            return []
+        while len(messages) < max_messages:
+            try:
+                messages.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return messages
+
+    def ack(self, messages: list[dict[str, Any]]) -> None:
+        """Nothing to do: a local message cannot be delivered twice."""
+
+
+def open_local_backend(
+    *,
+    max_workers: int,
+    timeout: float | None,
+    blas_threads: int | None = 1,
+    inline_limit: int | None = None,
+    worker_env: dict[str, str] | None = None,
+) -> Backend:
+    root = tempfile.mkdtemp(prefix="lambdafutures-")
+    store = FileStore(root)
+    completions = LocalCompletionQueue()
+    pool = WorkerPool(max_workers, timeout=timeout, on_frame=completions.put,
+                      on_failure=completions.report_failure, blas_threads=blas_threads,
+                      env=worker_env)
+    return Backend(
+        name="local",
+        store=store,
+        invoker=pool,
+        completions=completions,
+        reply_url="local:",
+        invoke_threads=1,  # handing an event to a local worker is a socket write
+        inline_limit=inline_limit or protocol.inline_limit(),
+        deadline_margin=5.0,
+        default_max_workers=default_max_workers(),
+        closers=[lambda: shutil.rmtree(root, ignore_errors=True), pool.close],
+    )
+
+
+def default_max_workers() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,271 @@
+"""A pool of local worker processes that behave like Lambda sandboxes.
+
+Each worker is a fresh interpreter (`python -m lambdafutures_handler.local_worker`) holding one
+end of a socket pair: portable to Linux and macOS, no fork of the host's threads, and no
+re-import of the user's `__main__`. Like Lambda, the pool starts a sandbox when an event
+arrives and none is idle (a cold start), keeps it warm for later events, queues events
+beyond its concurrency, kills a sandbox whose event runs past the timeout, and replaces a
+sandbox that dies. What happened to an event that did not finish is reported through
+`on_failure(event, kind, message)`; everything the worker says comes back through
+`on_frame(frame)`.
+
+One manager thread owns the sockets' read side; `invoke` writes events directly to an idle
+worker so the common path costs no thread hop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import wait as wait_for_ready
+from typing import Any
+
+from lambdafutures_handler import protocol
+from lambdafutures_handler.local_worker import recv_frame, send_frame
+
+log = logging.getLogger("lambdafutures")
+
+_BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                          "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+class _Worker:
+    def __init__(self, number: int, process: subprocess.Popen, sock: socket.socket) -> None:
+        self.number = number
+        self.process = process
+        self.sock = sock
+        self.event: dict[str, Any] | None = None
+        self.deadline: float | None = None
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        size: int,
+        *,
+        timeout: float | None,
+        on_frame: Callable[[dict], None],
+        on_failure: Callable[[dict, str, str], None],
+        blas_threads: int | None = 1,
+        env: dict[str, str] | None = None,
+        name: str = "local",
+    ) -> None:
+        self.size = size
+        self.timeout = timeout
+        self._on_frame = on_frame
+        self._on_failure = on_failure
+        self._env = self._worker_env(blas_threads, env)
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._idle: list[_Worker] = []
+        self._backlog: deque[tuple[dict, bytes]] = deque()
+        self._spawned = 0
+        self._closed = False
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._thread = threading.Thread(target=self._manage, name=f"lambdafutures-{name}-pool",
+                                        daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _worker_env(blas_threads: int | None, extra: dict[str, str] | None) -> dict[str, str]:
+        env = dict(os.environ)
+        if blas_threads is not None:
+            for variable in _BLAS_THREAD_VARIABLES:
+                env[variable] = str(blas_threads)
+        # The worker must import lambdafutures_handler and cloudpickle exactly as the host does.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env.update(extra or {})
+        return env
+
+    # -- invoking (any thread) ------------------------------------------------------------
+
+    def invoke(self, event: dict[str, Any]) -> None:
+        data = json.dumps(event).encode()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("worker pool is closed")
+            worker = self._idle.pop() if self._idle else None
+            if worker is None and len(self._workers) < self.size:
+                worker = self._spawn()
+            if worker is None:
+                self._backlog.append((event, data))
+                return
+            self._assign(worker, event, data)
+
+    def _assign(self, worker: _Worker, event: dict, data: bytes) -> None:
+        worker.event = event
+        worker.deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            send_frame(worker.sock, data)
+        except OSError:
+            pass  # the worker died; the manager sees its socket close and reports the event
+
+    def _spawn(self) -> _Worker:
+        host_end, worker_end = socket.socketpair()
+        timeout = "none" if self.timeout is None else repr(self.timeout)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lambdafutures_handler.local_worker",
+             str(worker_end.fileno()), timeout],
+            pass_fds=(worker_end.fileno(),), env=self._env, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the host, which then stops its workers
+        )
+        worker_end.close()
+        self._spawned += 1
+        worker = _Worker(self._spawned, process, host_end)
+        self._workers.append(worker)
+        self._wake()
+        log.debug("started worker process %d (pid %d)", worker.number, process.pid)
+        return worker
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closing
+
+    # -- the manager thread ---------------------------------------------------------------
+
+    def _manage(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                sockets = [worker.sock for worker in self._workers]
+                deadlines = [w.deadline for w in self._workers if w.deadline is not None]
+            wait = None
+            if deadlines:
+                wait = max(0.0, min(deadlines) - time.monotonic())
+            ready = wait_for_ready([self._wake_reader, *sockets], timeout=wait)
+            for sock in ready:
+                if sock is self._wake_reader:
+                    self._drain_wake()
+                else:
+                    self._read(sock)
+            self._enforce_deadlines()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _worker_for(self, sock: socket.socket) -> _Worker | None:
+        with self._lock:
+            for worker in self._workers:
+                if worker.sock is sock:
+                    return worker
+        return None
+
+    def _read(self, sock: socket.socket) -> None:
+        worker = self._worker_for(sock)
+        if worker is None:
+            return
+        try:
+            body = recv_frame(sock)
+        except OSError:
+            body = None
+        if body is None:
+            self._lost(worker, protocol.CRASH, self._describe_exit(worker))
+            return
+        frame = json.loads(body)
+        if frame.get("completion") is not None:
+            self._on_frame(frame["completion"])
+        if frame.get("idle"):
+            with self._lock:
+                worker.event = worker.deadline = None
+                self._next(worker)
+
+    def _next(self, worker: _Worker) -> None:
+        """Give an idle worker the oldest queued event, or park it. Holds the lock."""
+        if self._closed:
+            return
+        if self._backlog:
+            event, data = self._backlog.popleft()
+            self._assign(worker, event, data)
+        else:
+            self._idle.append(worker)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [w for w in self._workers if w.deadline is not None and w.deadline <= now]
+        for worker in late:
+            self._kill(worker)
+            self._lost(worker, protocol.TIMEOUT,
+                       f"task ran longer than its {self.timeout:g} s limit; its worker "
+                       f"process was killed and replaced")
+
+    def _lost(self, worker: _Worker, kind: str, message: str) -> None:
+        """A worker is gone: report its event, and start a replacement for queued work."""
+        with self._lock:
+            if worker in self._workers:
+                self._workers.remove(worker)
+            if worker in self._idle:
+                self._idle.remove(worker)
+            event = worker.event
+            worker.event = worker.deadline = None
+            if self._backlog and not self._closed:
+                self._next(self._spawn())
+        worker.sock.close()
+        if event is not None:
+            log.warning("task %s attempt %s: %s", event.get("task"), event.get("attempt"),
+                        message)
+            self._on_failure(event, kind, message)
+
+    def _describe_exit(self, worker: _Worker) -> str:
+        try:
+            code = worker.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._kill(worker)
+            code = worker.process.returncode
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"worker process {worker.process.pid} was killed by {name}"
+        return f"worker process {worker.process.pid} exited with code {code}"
+
+    @staticmethod
+    def _kill(worker: _Worker) -> None:
+        try:
+            worker.process.kill()
+        except ProcessLookupError:
+            pass
+        worker.process.wait()
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every worker process; queued events are dropped."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            workers = list(self._workers)
+            self._workers.clear()
+            self._idle.clear()
+            self._backlog.clear()
+        self._wake()
+        self._thread.join()
+        for worker in workers:
+            worker.sock.close()  # an idle worker sees end-of-file and exits on its own
+        deadline = time.monotonic() + 2.0
+        for worker in workers:
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._kill(worker)
+        self._wake_reader.close()
+        self._wake_writer.close()
