@@ -1,0 +1,40 @@
+"""Fixtures: real servers for the AWS path, and executors for every backend.
+
+The moto server runs in this test process on a free port of 127.0.0.1; boto3 reaches it
+over HTTP through the standard AWS_ENDPOINT_URL variables, with dummy credentials.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+AWS_DUMMY_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A moto server on 127.0.0.1; yields its base URL. The environment points boto3 at it."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {name: os.environ.get(name) for name in [*AWS_DUMMY_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(AWS_DUMMY_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = url
+    yield url
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
