@@ -13,6 +13,7 @@ sent from another thread (the timeout watchdog) goes out at once with idle false
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import sys
@@ -57,11 +58,11 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
 class LocalContext:
     """The parts of Lambda's context object the worker uses."""
 
-    function_name = "lambdafutures-local"
-    memory_limit_in_mb = None
-
     def __init__(self, timeout: float | None) -> None:
         self.aws_request_id = uuid.uuid4().hex
+        self.function_name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "lambdafutures-local")
+        memory = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+        self.memory_limit_in_mb = int(memory) if memory else None
         self._deadline = None if timeout is None else time.monotonic() + timeout
 
     def get_remaining_time_in_millis(self) -> int | None:
@@ -88,11 +89,14 @@ def serve(sock: socket.socket, timeout: float | None) -> None:
         body = recv_frame(sock)
         if body is None:
             return
-        event = json.loads(body)
-        handle(event, LocalContext(timeout))
-        completion = outbox.pop() if outbox else None
+        frame: dict = {"idle": True}
+        try:
+            handle(json.loads(body), LocalContext(timeout))
+        except Exception as exc:  # noqa: BLE001 - Lambda would record it as a function error
+            frame["handler_error"] = {"type": type(exc).__name__, "message": str(exc)}
+        frame["completion"] = outbox.pop() if outbox else None
         with send_lock:
-            send_frame(sock, json.dumps({"completion": completion, "idle": True}).encode())
+            send_frame(sock, json.dumps(frame).encode())
 
 
 def main(argv: list[str]) -> None:

@@ -41,7 +41,8 @@ SERIALIZATION = "serialization"  # a payload or result could not be (un)pickled
 MISMATCH = "runtime_mismatch"    # worker's Python / cloudpickle differ from the host's
 SIGNATURE = "signature"          # a payload or result failed its HMAC check
 PROTOCOL = "protocol"            # an event the worker cannot read
-ERROR_KINDS = (USER, TIMEOUT, CRASH, SERIALIZATION, MISMATCH, SIGNATURE, PROTOCOL)
+NOT_RUN = "not_run"              # the platform dropped the event without running it
+ERROR_KINDS = (USER, TIMEOUT, CRASH, SERIALIZATION, MISMATCH, SIGNATURE, PROTOCOL, NOT_RUN)
 
 
 class ProtocolError(ValueError):

@@ -12,6 +12,7 @@ the local supervisor) reports it.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import threading
@@ -155,21 +156,32 @@ def _memory_limit_mb(context: Any) -> int | None:
 
 
 class _TimeoutWatchdog:
-    """Reports TIMEOUT shortly before the sandbox is killed for running too long."""
+    """Reports TIMEOUT before the task's limit, then ends the process.
+
+    The limit is the executor's per-task `timeout` or, when sooner, just before the sandbox
+    itself would be killed (Lambda's remaining time). Reporting first means the host learns
+    of the timeout from a completion instead of waiting for its own deadline; exiting after
+    means a runaway call stops costing money and cannot report a result later (Lambda
+    starts a fresh sandbox for the next event, the local pool a fresh process)."""
 
     def __init__(self, event: dict[str, Any], context: Any, stats: dict[str, Any]) -> None:
         self.fired = False
         self._event = event
         self._stats = stats
         self._timer: threading.Timer | None = None
+        limits = []
+        if event.get("timeout"):
+            limits.append((float(event["timeout"]), float(event["timeout"])))
         remaining = getattr(context, "get_remaining_time_in_millis", None)
         millis = remaining() if remaining is not None else None
         if millis is not None:
             seconds = millis / 1000.0
-            margin = min(_TIMEOUT_REPORT_MARGIN_S, seconds / 10)
-            self._timer = threading.Timer(max(0.0, seconds - margin), self._fire)
+            limits.append((max(0.0, seconds - min(_TIMEOUT_REPORT_MARGIN_S, seconds / 10)),
+                           seconds))
+        if limits:
+            self._delay, self._limit = min(limits)
+            self._timer = threading.Timer(self._delay, self._fire)
             self._timer.daemon = True
-            self._seconds = seconds
 
     def start(self) -> None:
         if self._timer is not None:
@@ -182,7 +194,10 @@ class _TimeoutWatchdog:
     def _fire(self) -> None:
         self.fired = True
         stats = dict(self._stats, reported_at=time.time())
-        limit = self._event.get("timeout") or self._seconds
-        send_reply(self._event["reply"], protocol.failure_completion(
-            self._event, protocol.TIMEOUT, f"task ran longer than its {limit:g} s limit",
-            stats))
+        try:
+            send_reply(self._event["reply"], protocol.failure_completion(
+                self._event, protocol.TIMEOUT,
+                f"task ran longer than its {self._limit:g} s limit; its worker was stopped",
+                stats))
+        finally:
+            os._exit(124)

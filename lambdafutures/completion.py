@@ -83,6 +83,7 @@ _EXCEPTIONS = {
     protocol.MISMATCH: errors.RuntimeMismatch,
     protocol.SIGNATURE: errors.SignatureMismatch,
     protocol.PROTOCOL: errors.RuntimeMismatch,
+    protocol.NOT_RUN: errors.InvocationFailed,
 }
 
 

@@ -199,9 +199,10 @@ class LambdaExecutor(Executor):
         try:
             event = self._event_for(task)
             task.invoked_at = time.time()
-            if self._timeout is not None:
+            limit = self._timeout or self._backend.sandbox_timeout
+            if limit is not None:
                 self._table.set_deadline(
-                    task, time.monotonic() + self._timeout + self._backend.deadline_margin)
+                    task, time.monotonic() + limit + self._backend.deadline_margin)
             self._backend.invoker.invoke(event)
         except Exception as exc:  # noqa: BLE001 - every failure ends this future, typed
             failure = errors.InvocationFailed(f"task {task.id} could not be invoked: "
@@ -241,8 +242,8 @@ class LambdaExecutor(Executor):
                 for task in self._table.expired(time.monotonic()):
                     self._settle(task, completion.Outcome(
                         exception=errors.TaskTimeout(
-                            f"task {task.id} reported nothing within its {self._timeout:g} s "
-                            f"timeout plus {self._backend.deadline_margin:g} s"),
+                            f"task {task.id} reported nothing within its time limit plus "
+                            f"{self._backend.deadline_margin:g} s"),
                         retryable=True))
                 self._delete_stale_objects()
         except BaseException as exc:  # noqa: BLE001 - becomes BrokenExecutor for everyone

@@ -48,6 +48,8 @@ class Backend:
     inline_limit: int
     # Host-side backstop on top of the per-task timeout, for a task nothing reports on.
     deadline_margin: float
+    # The platform's own limit on a task (the Lambda function timeout), if any.
+    sandbox_timeout: float | None
     default_max_workers: int
     closers: list
 

@@ -21,6 +21,9 @@ from .base import Backend
 from .pool import WorkerPool
 
 
+_KILL_GRACE_S = 2.0
+
+
 class LocalCompletionQueue:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
@@ -58,7 +61,10 @@ def open_local_backend(
     root = tempfile.mkdtemp(prefix="lambdafutures-")
     store = FileStore(root)
     completions = LocalCompletionQueue()
-    pool = WorkerPool(max_workers, timeout=timeout, on_frame=completions.put,
+    # The worker reports a timeout itself at `timeout`; killing the process a little later
+    # is the backstop for a call that holds the GIL so the worker's watchdog cannot run.
+    sandbox_timeout = None if timeout is None else timeout + _KILL_GRACE_S
+    pool = WorkerPool(max_workers, timeout=sandbox_timeout, on_frame=completions.put,
                       on_failure=completions.report_failure, blas_threads=blas_threads,
                       env=worker_env)
     return Backend(
@@ -70,6 +76,7 @@ def open_local_backend(
         invoke_threads=1,  # handing an event to a local worker is a socket write
         inline_limit=inline_limit or protocol.inline_limit(),
         deadline_margin=5.0,
+        sandbox_timeout=sandbox_timeout,
         default_max_workers=default_max_workers(),
         closers=[lambda: shutil.rmtree(root, ignore_errors=True), pool.close],
     )

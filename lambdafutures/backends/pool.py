@@ -56,7 +56,7 @@ class WorkerPool:
         on_frame: Callable[[dict], None],
         on_failure: Callable[[dict, str, str], None],
         blas_threads: int | None = 1,
-        env: dict[str, str] | None = None,
+        env: dict[str, str | None] | None = None,
         name: str = "local",
     ) -> None:
         self.size = size
@@ -77,14 +77,21 @@ class WorkerPool:
         self._thread.start()
 
     @staticmethod
-    def _worker_env(blas_threads: int | None, extra: dict[str, str] | None) -> dict[str, str]:
+    def _worker_env(blas_threads: int | None,
+                    extra: dict[str, str | None] | None) -> dict[str, str]:
+        """The host's environment, one BLAS thread per worker, and `extra` on top (a None
+        value removes a variable)."""
         env = dict(os.environ)
         if blas_threads is not None:
             for variable in _BLAS_THREAD_VARIABLES:
                 env[variable] = str(blas_threads)
         # The worker must import lambdafutures_handler and cloudpickle exactly as the host does.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        env.update(extra or {})
+        for name, value in (extra or {}).items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         return env
 
     # -- invoking (any thread) ------------------------------------------------------------
@@ -182,9 +189,13 @@ class WorkerPool:
         if frame.get("completion") is not None:
             self._on_frame(frame["completion"])
         if frame.get("idle"):
+            event = worker.event
             with self._lock:
                 worker.event = worker.deadline = None
                 self._next(worker)
+            error = frame.get("handler_error")
+            if error is not None and event is not None:
+                self._on_failure(event, protocol.PROTOCOL, f"{error['type']}: {error['message']}")
 
     def _next(self, worker: _Worker) -> None:
         """Give an idle worker the oldest queued event, or park it. Holds the lock."""
@@ -203,7 +214,7 @@ class WorkerPool:
         for worker in late:
             self._kill(worker)
             self._lost(worker, protocol.TIMEOUT,
-                       f"task ran longer than its {self.timeout:g} s limit; its worker "
+                       f"task ran past its sandbox's {self.timeout:g} s limit; its worker "
                        f"process was killed and replaced")
 
     def _lost(self, worker: _Worker, kind: str, message: str) -> None:
@@ -219,8 +230,8 @@ class WorkerPool:
                 self._next(self._spawn())
         worker.sock.close()
         if event is not None:
-            log.warning("task %s attempt %s: %s", event.get("task"), event.get("attempt"),
-                        message)
+            log.debug("task %s attempt %s: %s", event.get("task"), event.get("attempt"),
+                      message)
             self._on_failure(event, kind, message)
 
     def _describe_exit(self, worker: _Worker) -> str:

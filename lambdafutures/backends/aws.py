@@ -1,0 +1,266 @@
+"""The AWS backend: payloads and results in S3, async Lambda invokes, completions over SQS.
+
+Everything it needs comes from the deployment config that `lambdafutures deploy` writes,
+overridden by options given to LambdaExecutor. Endpoints follow boto3's conventions
+(AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 / _SQS / _LAMBDA, profiles) or the `endpoint_urls`
+option, so the same code talks to AWS, a moto server or LocalStack.
+
+Each executor makes its own completion queue (`{queue_prefix}{executor id}`) and deletes it
+at shutdown; Lambda's failure records (timeouts, crashes, out of memory) arrive on the
+deployment's shared failure queue and are turned into failure completions here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections import defaultdict
+from typing import Any
+
+from botocore.config import Config
+
+from lambdafutures_handler import protocol
+from lambdafutures_handler.transport import S3Store
+
+from .base import Backend
+from .invoke import LambdaInvoker
+
+log = logging.getLogger("lambdafutures")
+
+DEFAULT_MAX_WORKERS = 1000
+DEFAULT_INVOKE_THREADS = 64
+DEFAULT_RECEIVERS = 4
+_REQUIRED = ("function_name", "bucket", "queue_prefix")
+_OPTIONS = ("function_name", "bucket", "prefix", "queue_prefix", "failure_queue_url",
+            "region", "profile", "timeout")
+
+
+def open_aws_backend(
+    *,
+    executor_id: str,
+    max_workers: int | None,
+    timeout: float | None,
+    deployment: dict[str, Any] | None,
+    endpoint_urls: dict[str, str] | None = None,
+    invoke_threads: int | None = None,
+    receivers: int = DEFAULT_RECEIVERS,
+    inline_limit: int | None = None,
+    long_poll_s: int = 20,
+    session: Any = None,
+    **options: Any,
+) -> Backend:
+    unknown = set(options) - set(_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option(s) for the aws backend: {', '.join(sorted(unknown))}")
+    settings = {**(deployment or {}), **{k: v for k, v in options.items() if v is not None}}
+    missing = [name for name in _REQUIRED if not settings.get(name)]
+    if missing:
+        raise ValueError(
+            f"the aws backend needs {', '.join(missing)}: run `lambdafutures deploy` once, "
+            f"or pass them to LambdaExecutor")
+    endpoints = {**settings.get("endpoint_urls", {}), **(endpoint_urls or {})}
+    if session is None:
+        import boto3
+
+        session = boto3.Session(profile_name=settings.get("profile"),
+                                region_name=settings.get("region"))
+    threads = invoke_threads or min(DEFAULT_INVOKE_THREADS,
+                                    max_workers or DEFAULT_MAX_WORKERS)
+
+    def client(service: str, connections: int, **config: Any) -> Any:
+        # One pooled connection per thread that uses the client, so none waits for another.
+        return session.client(service, endpoint_url=endpoints.get(service),
+                              config=Config(max_pool_connections=connections, **config))
+
+    s3 = client("s3", threads + receivers + 2, retries={"mode": "standard"})
+    sqs = client("sqs", receivers + 3, retries={"mode": "standard"})
+    # Invoke retries are ours (tenacity, in invoke.py) so throttling is retried with backoff
+    # and counted once; botocore's own retries would multiply the attempts.
+    lam = client("lambda", threads, retries={"total_max_attempts": 1})
+
+    store = S3Store(settings["bucket"], f"{settings.get('prefix', 'tasks')}", client=s3)
+    completions = SqsCompletionQueue(
+        sqs, f"{settings['queue_prefix']}{executor_id}", executor_id,
+        failure_queue_url=settings.get("failure_queue_url"), receivers=receivers,
+        long_poll_s=long_poll_s)
+    invoker = LambdaInvoker(lam, settings["function_name"])
+
+    def delete_objects() -> None:
+        store.delete_prefix(f"{executor_id}/")
+
+    sandbox_timeout = settings.get("timeout")
+    return Backend(
+        name="aws",
+        store=store,
+        invoker=invoker,
+        completions=completions,
+        reply_url=completions.queue_url,
+        invoke_threads=threads,
+        inline_limit=inline_limit or protocol.inline_limit(),
+        deadline_margin=30.0,
+        sandbox_timeout=float(sandbox_timeout) if sandbox_timeout else None,
+        default_max_workers=DEFAULT_MAX_WORKERS,
+        closers=[completions.close, delete_objects],
+    )
+
+
+class SqsCompletionQueue:
+    """Completions from the executor's own SQS queue, plus its tasks' Lambda failure records.
+
+    Receiver threads long-poll in parallel (10 messages a call) into a local queue, so a burst
+    of completions is drained at the rate of several connections; `ack` hands receipts to a
+    deleter thread that removes them in batches of 10.
+    """
+
+    def __init__(self, sqs: Any, queue_name: str, executor_id: str, *,
+                 failure_queue_url: str | None, receivers: int, long_poll_s: int) -> None:
+        self._sqs = sqs
+        self._executor_id = executor_id
+        self._long_poll_s = long_poll_s
+        self.queue_url = sqs.create_queue(
+            QueueName=queue_name,
+            Attributes={"SqsManagedSseEnabled": "true", "MessageRetentionPeriod": "86400"},
+        )["QueueUrl"]
+        self._failure_queue_url = failure_queue_url
+        self._received: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._receive_loop, args=(self.queue_url, False),
+                             name=f"lambdafutures-receiver-{n}", daemon=True)
+            for n in range(receivers)
+        ]
+        if failure_queue_url:
+            self._threads.append(threading.Thread(
+                target=self._receive_loop, args=(failure_queue_url, True),
+                name="lambdafutures-failure-receiver", daemon=True))
+        self._deleter = threading.Thread(target=self._delete_loop, name="lambdafutures-acker",
+                                         daemon=True)
+        for thread in [*self._threads, self._deleter]:
+            thread.start()
+        self._error: BaseException | None = None
+
+    # -- the completion thread's side ---------------------------------------------------------
+
+    def receive(self, max_messages: int, wait: float) -> list[dict[str, Any]]:
+        if self._error is not None:
+            raise self._error
+        try:
+            messages = [self._received.get(timeout=wait)]
+        except queue.Empty:
+            return []
+        while len(messages) < max_messages:
+            try:
+                messages.append(self._received.get_nowait())
+            except queue.Empty:
+                break
+        return messages
+
+    def ack(self, messages: list[dict[str, Any]]) -> None:
+        for message in messages:
+            receipt = message.get("_receipt")
+            if receipt is not None:
+                self._acks.put(receipt)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._acks.put(None)
+        self._deleter.join()
+        try:
+            self._sqs.delete_queue(QueueUrl=self.queue_url)
+        except Exception:  # noqa: BLE001 - `lambdafutures gc` removes what is left
+            log.warning("could not delete completion queue %s", self.queue_url, exc_info=True)
+
+    # -- threads ------------------------------------------------------------------------------
+
+    def _receive_loop(self, queue_url: str, failures: bool) -> None:
+        while not self._closed.is_set():
+            try:
+                response = self._sqs.receive_message(
+                    QueueUrl=queue_url, MaxNumberOfMessages=10,
+                    WaitTimeSeconds=self._long_poll_s,
+                    MessageAttributeNames=[], AttributeNames=[])
+            except Exception as exc:  # noqa: BLE001 - ends the executor, not silently
+                if self._closed.is_set():
+                    return
+                if _is_throttle_or_transient(exc):
+                    log.warning("receiving completions: %s; retrying", exc)
+                    self._closed.wait(1.0)
+                    continue
+                log.error("cannot receive completions from %s: %s", queue_url, exc)
+                self._error = exc
+                return
+            for raw in response.get("Messages", ()):
+                message = self._parse(raw, failures)
+                if message is None:
+                    continue
+                message["_receipt"] = (queue_url, raw["ReceiptHandle"])
+                self._received.put(message)
+
+    def _parse(self, raw: dict[str, Any], failure: bool) -> dict[str, Any] | None:
+        try:
+            body = json.loads(raw["Body"])
+        except (ValueError, KeyError):
+            log.warning("dropping a message that is not JSON")
+            return None
+        if not failure:
+            return body
+        event = body.get("requestPayload")
+        if not isinstance(event, dict) or event.get("executor") != self._executor_id:
+            return None  # another executor's record: left for it (visible again later)
+        kind, message = failure_from_record(body)
+        return protocol.failure_completion(event, kind, message)
+
+    def _delete_loop(self) -> None:
+        while True:
+            receipts = [self._acks.get()]
+            while True:  # take whatever else is waiting: fewer, fuller batches
+                try:
+                    receipts.append(self._acks.get_nowait())
+                except queue.Empty:
+                    break
+            by_queue: dict[str, list[str]] = defaultdict(list)
+            for receipt in receipts:
+                if receipt is not None:
+                    by_queue[receipt[0]].append(receipt[1])
+            for queue_url, handles in by_queue.items():
+                for start in range(0, len(handles), 10):  # DeleteMessageBatch takes 10
+                    self._delete_batch(queue_url, handles[start:start + 10])
+            if None in receipts:
+                return
+
+    def _delete_batch(self, queue_url: str, handles: list[str]) -> None:
+        entries = [{"Id": str(n), "ReceiptHandle": h} for n, h in enumerate(handles)]
+        try:
+            response = self._sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
+        except Exception:  # noqa: BLE001 - an undeleted message is redelivered and deduped
+            log.warning("could not delete %d completion messages", len(entries), exc_info=True)
+            return
+        if response.get("Failed"):
+            log.debug("%d completion deletes failed; they will be redelivered and ignored",
+                      len(response["Failed"]))
+
+
+def failure_from_record(record: dict[str, Any]) -> tuple[str, str]:
+    """The failure kind and message of a Lambda async-invoke failure record."""
+    context = record.get("requestContext") or {}
+    payload = record.get("responsePayload") or {}
+    condition = context.get("condition", "")
+    error_type = str(payload.get("errorType", ""))
+    error_message = str(payload.get("errorMessage", ""))
+    if condition == "EventAgeExceeded":
+        return protocol.NOT_RUN, "Lambda dropped the event before running it (EventAgeExceeded)"
+    if error_type == "Sandbox.Timedout" or "timed out" in error_message.lower():
+        return protocol.TIMEOUT, f"Lambda stopped the task at its time limit: {error_message}"
+    described = ": ".join(part for part in (error_type, error_message) if part)
+    if error_type.startswith("Runtime.") or not error_type:
+        return protocol.CRASH, f"the Lambda worker died: {described or condition}"
+    return protocol.PROTOCOL, f"the Lambda handler failed: {described}"
+
+
+def _is_throttle_or_transient(exc: BaseException) -> bool:
+    from .invoke import is_retryable
+
+    return is_retryable(exc)
