@@ -41,11 +41,20 @@ def moto_server():
 
 
 @pytest.fixture(scope="session")
-def aws_stack(moto_server):
+def aws_stack(moto_server, tmp_path_factory):
     """The AWS backend's stack: moto for S3/SQS/IAM/Lambda control plane, plus the project's
-    Lambda endpoint that runs invocations in real worker processes. Sets the environment so
-    that LambdaExecutor(backend="aws") uses it."""
-    pytest.skip("the AWS backend is not built yet")
+    Lambda endpoint that runs invocations in real worker processes, deployed into with
+    `lambdafutures deploy`. Sets the environment so LambdaExecutor(backend="aws") uses it."""
+    from lambdafutures.testing.stack import start_stack
+
+    saved = dict(os.environ)
+    stack = start_stack(moto_url=moto_server, name=f"lf-test-{os.getpid()}", concurrency=4,
+                        function_timeout=30,
+                        config_dir=str(tmp_path_factory.mktemp("lambdafutures-config")))
+    yield stack
+    stack.stop()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(params=["local", "aws"])
