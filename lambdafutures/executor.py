@@ -176,7 +176,12 @@ class LambdaExecutor(Executor):
                     if chunksize == 1:
                         yield _result_or_cancel(futures.popleft(), end_time)
                     else:
-                        yield from _result_or_cancel(futures.popleft(), end_time)
+                        # Pop each result as it is yielded (as the stdlib does), so that the
+                        # chunk does not keep results the consumer has already dropped.
+                        chunk = _result_or_cancel(futures.popleft(), end_time)
+                        chunk.reverse()
+                        while chunk:
+                            yield chunk.pop()
             finally:
                 for future in futures:
                     future.cancel()
@@ -191,6 +196,7 @@ class LambdaExecutor(Executor):
             if task is None:
                 return
             self._launch(task)
+            del task  # while idle, hold no task: its future (and result) may be dropped
 
     def _launch(self, task: Task) -> None:
         if task.attempt == 0 and not task.future.set_running_or_notify_cancel():
