@@ -159,7 +159,7 @@ class LambdaExecutor(Executor):
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0.")
         end_time = None if timeout is None else timeout + time.monotonic()
-        calls = zip(*iterables)
+        calls = zip(*iterables)  # noqa: B905 - map stops at the shortest, as the stdlib does
         if chunksize == 1:
             submissions = (self.submit(fn, *args) for args in calls)
         else:

@@ -20,7 +20,6 @@ from lambdafutures_handler.transport import FileStore
 from .base import Backend
 from .pool import WorkerPool
 
-
 _KILL_GRACE_S = 2.0
 
 
