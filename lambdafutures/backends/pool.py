@@ -38,6 +38,11 @@ _BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_TH
                           "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
+# Like a Lambda sandbox, a worker imports only what is installed: the user's own modules
+# reach it by value (serialize.py), so a task that works here also works on Lambda.
+_NO_CWD_ON_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
+
+
 class _Worker:
     def __init__(self, number: int, process: subprocess.Popen, sock: socket.socket) -> None:
         self.number = number
@@ -85,8 +90,6 @@ class WorkerPool:
         if blas_threads is not None:
             for variable in _BLAS_THREAD_VARIABLES:
                 env[variable] = str(blas_threads)
-        # The worker must import lambdafutures_handler and cloudpickle exactly as the host does.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         for name, value in (extra or {}).items():
             if value is None:
                 env.pop(name, None)
@@ -121,7 +124,7 @@ class WorkerPool:
         host_end, worker_end = socket.socketpair()
         timeout = "none" if self.timeout is None else repr(self.timeout)
         process = subprocess.Popen(
-            [sys.executable, "-m", "lambdafutures_handler.local_worker",
+            [sys.executable, *_NO_CWD_ON_PATH, "-m", "lambdafutures_handler.local_worker",
              str(worker_end.fileno()), timeout],
             pass_fds=(worker_end.fileno(),), env=self._env, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the host, which then stops its workers
