@@ -137,3 +137,12 @@ def crash_before(deadline, code=3):
         time.sleep(deadline - now + 0.05)
         os._exit(code)
     return "survived"
+
+
+def stall_before(deadline, stall=30.0):
+    """Sleep `stall` seconds (past any short task timeout) when started before the
+    wall-clock `deadline`; return "on time" when started after it. Like `crash_before`,
+    this times out on the first attempt only without any shared state."""
+    if time.time() < deadline:
+        time.sleep(stall)
+    return "on time"
