@@ -15,6 +15,7 @@ from .errors import (
 from .executor import LambdaExecutor
 from .observe.stats import TaskStats, stats_of
 from .serialize import ship_by_value
+from .speculation import Speculation
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "RuntimeMismatch",
     "SerializationError",
     "SignatureMismatch",
+    "Speculation",
     "TaskStats",
     "TaskTimeout",
     "WorkerCrashed",

@@ -28,6 +28,7 @@ from lambdafutures_handler import protocol
 from . import completion, config, errors, serialize
 from .backends.base import Backend
 from .observe import stats as task_stats
+from .speculation import Speculation, StragglerWatch
 from .tasks import Task, TaskTable
 
 log = logging.getLogger("lambdafutures")
@@ -60,6 +61,7 @@ class LambdaExecutor(Executor):
         timeout: per-task time limit in seconds (the Lambda function timeout on AWS).
         retries: how many times to re-run a task whose worker crashed or timed out. A task
             whose function raised is never retried.
+        speculation: opt-in backup attempts for stragglers (see `Speculation`).
         **backend_options: passed to the backend (see README).
     """
 
@@ -70,6 +72,7 @@ class LambdaExecutor(Executor):
         backend: str | None = None,
         timeout: float | None = None,
         retries: int = 0,
+        speculation: Speculation | None = None,
         **backend_options: Any,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
@@ -96,6 +99,7 @@ class LambdaExecutor(Executor):
         self._state_lock = threading.Lock()
         self._launches: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._stale_keys: list[str] = []
+        self._stragglers = StragglerWatch(speculation) if speculation else None
         self._invokers = [
             threading.Thread(target=self._invoke_loop, name=f"lambdafutures-invoker-{n}",
                              daemon=True)
@@ -134,6 +138,8 @@ class LambdaExecutor(Executor):
         with self._state_lock:
             self._check_open()
             start = self._table.add(task)
+            if self._stragglers is not None:
+                self._stragglers.submitted += 1
         if start:
             self._launches.put(task)
         return future
@@ -202,19 +208,20 @@ class LambdaExecutor(Executor):
         if task.attempt == 0 and not task.future.set_running_or_notify_cancel():
             self._end(task)
             return
+        attempt = task.attempt
         try:
             event = self._event_for(task)
             task.invoked_at = time.time()
             limit = self._timeout or self._backend.sandbox_timeout
             if limit is not None:
                 self._table.set_deadline(
-                    task, time.monotonic() + limit + self._backend.deadline_margin)
+                    task, attempt, time.monotonic() + limit + self._backend.deadline_margin)
             self._backend.invoker.invoke(event)
         except Exception as exc:  # noqa: BLE001 - every failure ends this future, typed
             failure = errors.InvocationFailed(f"task {task.id} could not be invoked: "
                                               f"{type(exc).__name__}: {exc}")
             failure.__cause__ = exc
-            self._settle(task, completion.Outcome(exception=failure))
+            self._settle(task, attempt, completion.Outcome(exception=failure))
 
     def _event_for(self, task: Task) -> dict[str, Any]:
         if task.blob is None:
@@ -245,12 +252,14 @@ class LambdaExecutor(Executor):
                     self._complete(message)
                 if messages:
                     completions.ack(messages)
-                for task in self._table.expired(time.monotonic()):
-                    self._settle(task, completion.Outcome(
+                for task, attempt in self._table.expired(time.monotonic()):
+                    self._settle(task, attempt, completion.Outcome(
                         exception=errors.TaskTimeout(
                             f"task {task.id} reported nothing within its time limit plus "
                             f"{self._backend.deadline_margin:g} s"),
                         retryable=True))
+                if self._stragglers is not None:
+                    self._speculate()
                 self._delete_stale_objects()
         except BaseException as exc:  # noqa: BLE001 - becomes BrokenExecutor for everyone
             log.exception("lambdafutures completion thread failed")
@@ -268,12 +277,36 @@ class LambdaExecutor(Executor):
                       message.get("task"), message.get("attempt"))
             return
         result = completion.outcome(message, self._backend.store, self._key)
-        self._settle(task, result, message)
+        self._settle(task, message["attempt"], result, message)
 
-    def _settle(self, task: Task, result: completion.Outcome,
+    def _speculate(self) -> None:
+        assert self._stragglers is not None
+        for task in self._stragglers.stragglers(self._table.running()):
+            with self._table.lock:
+                if task.id not in self._table.tasks or task.other_live is not None:
+                    continue
+                task.speculated = True
+                task.other_live = task.attempt
+                task.attempt += 1
+            log.info("task %d has run %.1f s; starting a backup attempt %d", task.id,
+                     time.time() - (task.invoked_at or time.time()), task.attempt)
+            self._launches.put(task)
+
+    def _settle(self, task: Task, attempt: int, result: completion.Outcome,
                 message: dict[str, Any] | None = None) -> None:
-        """End a task's current attempt: retry it, or end its future."""
+        """End one attempt of a task: wait for its twin, retry it, or end its future."""
         self._stale_keys.extend(result.stored_keys)
+        if result.retryable:
+            with self._table.lock:
+                twin_runs = task.other_live is not None
+                if twin_runs:
+                    # One of two racing attempts died; the other may still finish.
+                    if attempt == task.other_live:
+                        task.other_live = None
+                    else:
+                        task.attempt, task.other_live = task.other_live, None
+            if twin_runs:
+                return
         if result.retryable and task.retries_left > 0 and not self._broken:
             log.warning("task %d attempt %d failed (%s); retrying", task.id, task.attempt,
                         result.exception)
@@ -282,8 +315,12 @@ class LambdaExecutor(Executor):
                 task.attempt += 1
             self._launches.put(task)
             return
+        if self._stragglers is not None:
+            self._stragglers.finished_in(
+                None if result.exception is not None or task.invoked_at is None
+                else time.time() - task.invoked_at)
         task_stats.attach(task.future, task_stats.from_message(
-            task=task.id, attempt=task.attempt, calls=task.calls,
+            task=task.id, attempt=attempt, calls=task.calls,
             host_submit=task.submitted_at, invoked=task.invoked_at, received=time.time(),
             status="ok" if result.exception is None else "error",
             worker=(message or {}).get("stats")))

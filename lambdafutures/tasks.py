@@ -15,7 +15,8 @@ from concurrent.futures import Future
 
 class Task:
     __slots__ = ("id", "future", "calls", "batch", "payload", "blob", "sig", "attempt",
-                 "retries_left", "submitted_at", "invoked_at", "deadline")
+                 "retries_left", "submitted_at", "invoked_at", "deadline", "other_live",
+                 "speculated")
 
     def __init__(self, task_id: int, future: Future, payload: bytes, calls: int, batch: bool,
                  retries: int) -> None:
@@ -31,6 +32,12 @@ class Task:
         self.submitted_at = time.time()
         self.invoked_at: float | None = None
         self.deadline: float | None = None
+        # While a speculative backup runs, the attempt it backs up is still live too.
+        self.other_live: int | None = None
+        self.speculated = False
+
+    def is_live(self, attempt: int) -> bool:
+        return attempt == self.attempt or attempt == self.other_live
 
 
 class TaskTable:
@@ -56,7 +63,7 @@ class TaskTable:
         """The task a completion is about, or None if it is a duplicate or stale."""
         with self.lock:
             task = self.tasks.get(task_id)
-            if task is None or task.attempt != attempt:
+            if task is None or not task.is_live(attempt):
                 return None
             return task
 
@@ -98,18 +105,23 @@ class TaskTable:
 
     # -- host-side deadlines (the backstop when nothing reports a task's end) ------------------
 
-    def set_deadline(self, task: Task, deadline: float) -> None:
+    def set_deadline(self, task: Task, attempt: int, deadline: float) -> None:
         with self.lock:
             task.deadline = deadline
-            heapq.heappush(self._deadlines, (deadline, task.id, task.attempt))
+            heapq.heappush(self._deadlines, (deadline, task.id, attempt))
 
-    def expired(self, now: float) -> list[Task]:
+    def expired(self, now: float) -> list[tuple[Task, int]]:
+        """The (task, attempt) pairs whose deadline has passed."""
         late = []
         with self.lock:
             while self._deadlines and self._deadlines[0][0] <= now:
                 _, task_id, attempt = heapq.heappop(self._deadlines)
                 task = self.tasks.get(task_id)
-                if task is not None and task.attempt == attempt:
-                    late.append(task)
+                if task is not None and task.is_live(attempt):
+                    late.append((task, attempt))
         return late
+
+    def running(self) -> list[Task]:
+        with self.lock:
+            return [task for task in self.tasks.values() if task.invoked_at is not None]
 
