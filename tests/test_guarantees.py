@@ -195,10 +195,11 @@ def test_a_forged_result_is_refused_without_unpickling(lone_aws_executor, tmp_pa
     assert not trap.exists()
 
 
-def _event(payload: bytes, key: bytes, store: str, reply: str, **changes) -> dict:
+def _event(data: bytes, key: bytes, store: str, reply: str, **changes) -> dict:
+    """An invoke event for `data`, signed with `key`, with `changes` applied after signing."""
     event = protocol.make_event(
-        executor="handtest", task=1, attempt=0, payload=protocol.inline_blob(payload),
-        sig=protocol.sign(key, payload), store=store, reply=reply, key=key, timeout=None,
+        executor="handtest", task=1, attempt=0, payload=protocol.inline_blob(data),
+        sig=protocol.sign(key, data), store=store, reply=reply, key=key, timeout=None,
         submitted_at=time.time(), limit=protocol.DEFAULT_INLINE_LIMIT)
     event.update(changes)
     return event

@@ -89,7 +89,7 @@ def deploy_for_tests(*, name: str, region: str, timeout: int, config_path: str) 
     from lambdafutures.deploy import cli
 
     code = cli.main(["deploy", "--name", name, "--region", region, "--timeout", str(timeout),
-                     "--no-layer", "--quiet"])
+                     "--no-layer"])
     if code not in (0, None):
         raise RuntimeError(f"lambdafutures deploy failed with exit code {code}")
     from pathlib import Path
