@@ -12,6 +12,7 @@ the local supervisor) reports it.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
@@ -32,6 +33,11 @@ _invocations = 0
 # The worker reports a timeout itself this long before the sandbox would be killed, so the
 # host learns it from a completion instead of waiting for its own deadline.
 _TIMEOUT_REPORT_MARGIN_S = 1.0
+
+# A completion must fit in one queue message (SQS: 256 KiB) whatever the user's exception
+# says, so its message and traceback text travel clipped; a pickled exception keeps its own.
+_MESSAGE_CHARS = 4_000
+_TRACEBACK_CHARS = 16_000
 
 
 def handle(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
@@ -65,7 +71,8 @@ def _run(event: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
         _finish_stats(stats)
         return protocol.make_completion(
             event, status="error", stats=stats, result=result, sig=sig,
-            error=protocol.error_info(kind, type_name, message, tb))
+            error=protocol.error_info(kind, type_name, _clip(message, _MESSAGE_CHARS),
+                                      _clip(tb, _TRACEBACK_CHARS)))
 
     mine = protocol.runtime_versions()
     theirs = event["host"]
@@ -97,14 +104,18 @@ def _run(event: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything
         stats["job_done"] = time.time()
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        tb = _clip(tb, _TRACEBACK_CHARS)
+        message = _clip(_describe(exc), _MESSAGE_CHARS)
         try:
             pickled = cloudpickle.dumps(exc)
         except Exception:  # noqa: BLE001 - the text form below still reaches the host
             pickled = None
         result, sig = (None, None)
         if pickled is not None:
-            result, sig = _store_blob(event, store, key, pickled)
-        return failed(protocol.USER, _qualified_name(type(exc)), str(exc), tb, result, sig)
+            # The texts travel in the same queue message as an inline blob: leave them room.
+            room = len(json.dumps(message)) + len(json.dumps(tb))
+            result, sig = _store_blob(event, store, key, pickled, room)
+        return failed(protocol.USER, _qualified_name(type(exc)), message, tb, result, sig)
     stats["job_done"] = time.time()
 
     value = results if batch else results[0]
@@ -119,8 +130,8 @@ def _run(event: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
     return protocol.make_completion(event, status="ok", stats=stats, result=result, sig=sig)
 
 
-def _store_blob(event, store, key: bytes, data: bytes):
-    limit = event.get("inline_limit", protocol.DEFAULT_INLINE_LIMIT)
+def _store_blob(event, store, key: bytes, data: bytes, room: int = 0):
+    limit = event.get("inline_limit", protocol.DEFAULT_INLINE_LIMIT) - room
     if protocol.fits_inline(len(data), limit):
         blob = protocol.inline_blob(data)
     else:
@@ -137,6 +148,25 @@ def _finish_stats(stats: dict[str, Any]) -> None:
     stats["sent_at"] = time.time()
     stats["billed_ms"] = int((stats["sent_at"] - stats["job_start"]) * 1000) + 1
     stats["peak_memory_mb"] = _peak_memory_mb()
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text`, or its head and tail around a marker, `limit` characters in all. Both ends
+    matter: a traceback's outer frames come first, the exception line last."""
+    if len(text) <= limit:
+        return text
+    mark = f"\n[... clipped from {len(text)} characters ...]\n"
+    keep = max(0, limit - len(mark))
+    return text[:keep // 2] + mark + text[len(text) - (keep - keep // 2):]
+
+
+def _describe(exc: BaseException) -> str:
+    """str(exc), or a stand-in when the user's __str__ itself fails: the user's exception
+    must still reach the host rather than break the handler."""
+    try:
+        return str(exc)
+    except Exception as failure:  # noqa: BLE001 - any failure of user code
+        return f"<str() of {type(exc).__name__} failed: {type(failure).__name__}>"
 
 
 def _qualified_name(cls: type) -> str:

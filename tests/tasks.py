@@ -146,3 +146,47 @@ def stall_before(deadline, stall=30.0):
     if time.time() < deadline:
         time.sleep(stall)
     return "on time"
+
+
+class BadStrError(Exception):
+    """An exception whose str() itself fails."""
+
+    def __str__(self):
+        raise RuntimeError("this exception cannot be printed")
+
+
+def raise_bad_str_error():
+    raise BadStrError("hidden")
+
+
+def _refuse_to_load():
+    raise RuntimeError("this object refuses to be unpickled")
+
+
+class Unloadable:
+    """Pickles fine, but unpickling it fails (wherever that happens)."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def return_unloadable():
+    return Unloadable()
+
+
+def _load_only_in(pid):
+    if os.getpid() != pid:
+        raise RuntimeError(f"built in process {pid}, cannot be loaded in {os.getpid()}")
+    return "loaded"
+
+
+class HostOnly:
+    """Pickles fine, but can be unpickled only in the process that pickled it: an argument
+    the worker cannot load."""
+
+    def __reduce__(self):
+        return (_load_only_in, (os.getpid(),))
+
+
+def exit_via_sys_exit(code):
+    raise SystemExit(code)

@@ -544,3 +544,32 @@ def test_remote_traceback_prints_the_remote_frames(make_executor):
     text = str(exception.__cause__)
     assert re.search(r"raise_value_error", text)
     assert "ValueError: printed" in text
+
+
+def test_exception_whose_str_fails_still_arrives(make_executor):
+    ex = make_executor()
+    exception = ex.submit(tasks.raise_bad_str_error).exception(timeout=30)
+    assert type(exception) is tasks.BadStrError
+    assert exception.args == ("hidden",)
+    assert "raise_bad_str_error" in exception.__cause__.text
+
+
+@pytest.mark.parametrize("size", [100_000, 1_000_000])
+def test_exception_with_a_huge_message(make_executor, size):
+    # Larger than a queue message (SQS: 256 KiB) on its own, or together with its traceback.
+    ex = make_executor()
+    message = "m" * (size - 1) + "!"
+    exception = ex.submit(tasks.raise_value_error, message).exception(timeout=60)
+    assert type(exception) is ValueError
+    assert str(exception) == message
+    assert "raise_value_error" in exception.__cause__.text
+    assert ex.submit(tasks.square, 2).result(timeout=30) == 4
+
+
+def test_system_exit_in_a_task_is_the_task_s_exception(make_executor):
+    # As with ProcessPoolExecutor: SystemExit raised by the function ends only its future.
+    ex = make_executor()
+    exception = ex.submit(tasks.exit_via_sys_exit, 5).exception(timeout=30)
+    assert type(exception) is SystemExit
+    assert exception.code == 5
+    assert ex.submit(tasks.square, 2).result(timeout=30) == 4

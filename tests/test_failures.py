@@ -181,3 +181,19 @@ def test_timeout_is_retried(make_executor):
     assert future.result(timeout=60) == "on time"
     assert lambdafutures.stats_of(future).attempt == 1
     _still_works(ex)
+
+
+def test_result_that_cannot_be_unpickled_on_the_host(make_executor):
+    ex = make_executor()
+    exception = ex.submit(tasks.return_unloadable).exception(timeout=60)
+    assert isinstance(exception, SerializationError)
+    assert "refuses to be unpickled" in str(exception)
+    _still_works(ex)
+
+
+def test_argument_that_cannot_be_unpickled_on_the_worker(make_executor):
+    ex = make_executor()
+    exception = ex.submit(tasks.identity, tasks.HostOnly()).exception(timeout=60)
+    assert isinstance(exception, SerializationError)
+    assert "cannot be loaded" in str(exception)
+    _still_works(ex)
