@@ -1,0 +1,241 @@
+"""The seed's benchmark: `big_flops(std_dev)` mapped over many std devs.
+
+Each task does `--loops` iterations of: two n x n normal matrices, their product, its sum.
+Before the map, this process measures (with one BLAS thread, like each worker) one task
+in-process and a bare n x n GEMM. Then it maps the tasks with LambdaExecutor and reports
+
+  effective_gflops       total flops / wall time of the map (first submit to last result)
+  peak_gflops_in_flight  max over time of the running tasks' combined flops rate
+  efficiency             effective / (task_gflops_inprocess x workers): the target ratio
+  gap_to_gemm_ceiling    effective / (gemm_gflops_per_core x workers): how far the task's
+                         normal() sampling keeps it from raw GEMM speed
+
+as one JSON line on stdout, a short table on stderr, and timeline.png and gflops.png in
+--out. `--compare-ppe` also maps the same tasks with ProcessPoolExecutor(workers) in the
+same run and reports its efficiency as ppe_efficiency.
+
+    python benchmarks/dgemm.py [--backend local] [--workers N] [--tasks 8] [--n 2048]
+                               [--loops 3] [--out ./dgemm-out] [--compare-ppe]
+"""
+
+import os
+
+# One BLAS thread in this process (and in ProcessPoolExecutor's workers, which inherit the
+# environment): set before numpy is first imported, or OpenBLAS starts one thread per core.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                  "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_variable] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import lambdafutures  # noqa: E402
+from lambdafutures.observe import collect, plots  # noqa: E402
+
+
+def big_flops(std_dev, n=2048, loops=3):
+    """The seed's task: `loops` times, multiply two n x n normal matrices and sum."""
+    total = 0.0
+    for _ in range(loops):
+        a = np.random.normal(0, std_dev, (n, n))
+        b = np.random.normal(0, std_dev, (n, n))
+        total += float(np.dot(a, b).sum())
+    return total
+
+
+def gemm_seconds(n, repeats=3):
+    """The fastest of `repeats` bare n x n products (after one warm-up)."""
+    a = np.random.normal(0, 1, (n, n))
+    b = np.random.normal(0, 1, (n, n))
+    np.dot(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.dot(a, b)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class CpuWatch:
+    """CPU seconds used by other processes on this machine while we run (Linux only).
+
+    Busy time of the whole machine (/proc/stat) minus this process's and its children's
+    (the executors' workers) over the same span: what others took from our cores."""
+
+    def __init__(self):
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start = self._snapshot()
+
+    def _machine_busy(self):
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+        # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
+        return (sum(fields) - fields[3] - fields[4]) / self._tick
+
+    def _ours(self):
+        times = os.times()
+        total = times.user + times.system
+        me = str(os.getpid())
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[1] == me:  # ppid; utime and stime follow at 11 and 12
+                total += (int(fields[11]) + int(fields[12])) / self._tick
+        return total
+
+    def _snapshot(self):
+        try:
+            return self._machine_busy(), self._ours()
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def others_cpu_s(self):
+        end = self._snapshot()
+        if self._start is None or end is None:
+            return None
+        return max(0.0, (end[0] - self._start[0]) - (end[1] - self._start[1]))
+
+
+def run_map(make_executor, std_devs, n, loops):
+    """Map the tasks; return (futures, wall seconds from creating the executor until the
+    last result, CPU seconds other processes used meanwhile, executor). Shutdown is outside
+    the timed span."""
+    watch = CpuWatch()
+    start = time.perf_counter()
+    executor = make_executor()
+    try:
+        futures = [executor.submit(big_flops, float(s), n, loops) for s in std_devs]
+        for future in futures:
+            future.result()
+        wall = time.perf_counter() - start
+        others = watch.others_cpu_s()
+    finally:
+        executor.shutdown(wait=True)
+    return futures, wall, others, executor
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default=None,
+                        help="local or aws (default: as LambdaExecutor resolves it)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--loops", type=int, default=3)
+    parser.add_argument("--out", default="./dgemm-out")
+    parser.add_argument("--compare-ppe", action="store_true",
+                        help="also run the map under ProcessPoolExecutor(workers)")
+    args = parser.parse_args(argv)
+    n, loops, workers = args.n, args.loops, args.workers
+    flops_per_task = loops * 2.0 * n ** 3  # the GEMMs' flops, as the seed counts them
+    std_devs = np.linspace(1, 10, args.tasks)
+
+    # In-process baselines, one BLAS thread, nothing else of ours running.
+    watch = CpuWatch()
+    gemm_s = gemm_seconds(n)
+    start = time.perf_counter()
+    big_flops(1.0, n, loops)
+    task_s = time.perf_counter() - start
+    baseline_others = watch.others_cpu_s()
+    gemm_gflops = 2.0 * n ** 3 / gemm_s / 1e9
+    task_gflops = flops_per_task / task_s / 1e9
+
+    futures, wall, others, executor = run_map(
+        lambda: lambdafutures.LambdaExecutor(max_workers=workers, backend=args.backend),
+        std_devs, n, loops)
+    stats = collect(futures)
+    total_flops = flops_per_task * len(futures)
+    effective = total_flops / wall / 1e9
+    _, in_flight = plots.step_in_flight(stats, flops_per_task)
+    cold = [s for s in stats if s.cold_start]
+    runs = [s.run_time for s in stats if s.run_time is not None]
+
+    def mean(values):
+        return statistics.fmean(values) if values else None
+
+    record = {
+        "benchmark": "dgemm",
+        "backend": executor.backend,
+        "workers": workers,
+        "tasks": len(futures),
+        "n": n,
+        "loops": loops,
+        "gflop_per_task": flops_per_task / 1e9,
+        "wall_s": wall,
+        "effective_gflops": effective,
+        "peak_gflops_in_flight": max(in_flight) / 1e9,
+        "task_gflops_inprocess": task_gflops,
+        "task_s_inprocess": task_s,
+        "task_run_s_mean": mean(runs),
+        "gemm_gflops_per_core": gemm_gflops,
+        "efficiency": effective / (task_gflops * workers),
+        "gap_to_gemm_ceiling": effective / (gemm_gflops * workers),
+        "cold_starts": len(cold),
+        # A cold sandbox's start: from handing it the event until its handler ran ...
+        "cold_start_s_mean": mean([s.job_start - s.invoked for s in cold
+                                   if s.job_start is not None and s.invoked is not None]),
+        # ... and its first payload load (which imports numpy), against a warm one's.
+        "cold_setup_s_mean": mean([s.setup_time for s in cold if s.setup_time is not None]),
+        "warm_setup_s_mean": mean([s.setup_time for s in stats
+                                   if not s.cold_start and s.setup_time is not None]),
+        # CPU seconds that other processes on this machine used during the baselines and
+        # the map: anything well above 0 means the figures above are not this code's alone.
+        "baseline_others_cpu_s": baseline_others,
+        "others_cpu_s": others,
+    }
+    if args.compare_ppe:
+        _, ppe_wall, ppe_others, _ = run_map(lambda: ProcessPoolExecutor(workers),
+                                           std_devs, n, loops)
+        ppe_effective = total_flops / ppe_wall / 1e9
+        record.update({
+            "ppe_wall_s": ppe_wall,
+            "ppe_effective_gflops": ppe_effective,
+            "ppe_efficiency": ppe_effective / (task_gflops * workers),
+            "ratio_to_ppe": effective / ppe_effective,
+            "ppe_others_cpu_s": ppe_others,
+        })
+
+    os.makedirs(args.out, exist_ok=True)
+    label = f"{len(futures)} x big_flops(n={n}, loops={loops}) on {workers} " \
+            f"{executor.backend} workers"
+    record["timeline_png"] = plots.timeline(
+        futures, os.path.join(args.out, "timeline.png"), title=f"Timeline: {label}")
+    record["gflops_png"] = plots.throughput(
+        futures, os.path.join(args.out, "gflops.png"), flops_per_task=flops_per_task,
+        title=f"GFLOPS: {label}")
+
+    rows = [
+        ("backend / workers", f"{executor.backend} / {workers}"),
+        ("tasks x GFLOP", f"{len(futures)} x {flops_per_task / 1e9:.2f}"),
+        ("wall (s)", f"{wall:.2f}"),
+        ("effective GFLOPS", f"{effective:.2f}"),
+        ("peak GFLOPS in flight", f"{record['peak_gflops_in_flight']:.2f}"),
+        ("task GFLOPS in-process", f"{task_gflops:.2f} ({task_s:.2f} s/task)"),
+        ("GEMM GFLOPS per core", f"{gemm_gflops:.2f}"),
+        ("efficiency", f"{record['efficiency']:.3f}"),
+        ("gap to GEMM ceiling", f"{record['gap_to_gemm_ceiling']:.3f}"),
+    ]
+    if args.compare_ppe:
+        rows.append(("ProcessPool efficiency", f"{record['ppe_efficiency']:.3f} "
+                                               f"(wall {record['ppe_wall_s']:.2f} s)"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}", file=sys.stderr)
+    print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
