@@ -190,6 +190,20 @@ def test_function_zip_is_reproducible_and_complete():
     assert shipped == (Path(cloudpickle.__path__[0]) / "cloudpickle.py").read_bytes()
 
 
+def test_function_zip_imports_on_its_own(tmp_path):
+    """The zip is all the worker needs besides the standard library (and boto3, which the
+    Lambda runtime provides and the worker imports only when it talks to AWS)."""
+    zipfile.ZipFile(io.BytesIO(build_function_zip())).extractall(tmp_path)
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); "
+             "import lambdafutures_handler.worker as w, cloudpickle; "
+             "print(w.__file__); print(cloudpickle.__file__)")
+    # -S -I: no site-packages, no environment; only the extracted zip and the stdlib.
+    done = subprocess.run([sys.executable, "-S", "-I", "-c", probe, str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert all(line.startswith(str(tmp_path)) for line in done.stdout.splitlines())
+
+
 def _client_error(code: str, message: str) -> ClientError:
     return ClientError({"Error": {"Code": code, "Message": message}}, "CreateFunction")
 
@@ -390,6 +404,15 @@ def test_update_changes_only_what_differs(moto_server, config_file, clients, nam
     assert statuses(lines)["bucket"] == "updated", lines
     assert run(capsys, "status")[0] == 0
 
+    # Reserved concurrency is set, then removed again.
+    code, lines = run(capsys, "deploy", "--reserved-concurrency", "3")
+    assert code == 0 and statuses(lines)["function"] == "updated", lines
+    assert lam.get_function(FunctionName=name)["Concurrency"] == {
+        "ReservedConcurrentExecutions": 3}
+    code, lines = run(capsys, "deploy", "--reserved-concurrency", "none")
+    assert code == 0 and statuses(lines)["function"] == "updated", lines
+    assert "Concurrency" not in lam.get_function(FunctionName=name)
+
     # Without its config file, a deployment can still be destroyed by name.
     config_file.unlink()
     code, lines = run(capsys, "destroy", "--yes", "--name", name)
@@ -449,6 +472,26 @@ def test_gc_removes_only_old_executor_leftovers(moto_server, config_file, client
     sqs.create_queue(QueueName=f"{config['queue_prefix']}dead4")
     code, lines = run(capsys, "destroy", "--yes")
     assert code == 0 and any("deleted 1" in line for line in lines), lines
+    assert_nothing_left(clients, name)
+
+
+def test_large_layer_goes_through_s3(moto_server, config_file, clients, name, layer_zip,
+                                     capsys, monkeypatch):
+    from lambdafutures.deploy import functions
+
+    monkeypatch.setattr(functions, "DIRECT_UPLOAD_LIMIT", 0)  # every zip counts as large
+    code, lines = run(capsys, "deploy", "--name", name, "--layer-zip", str(layer_zip))
+    assert code == 0 and statuses(lines)["layer"] == "created", lines
+    config = load_deployment()
+    layer_name, number = config["layer_arn"].split(":")[-2:]
+    layer = clients["lambda"].get_layer_version(LayerName=layer_name, VersionNumber=int(number))
+    assert layer["Content"]["CodeSize"] == len(layer_zip.read_bytes())
+    # The staged copy is gone once Lambda has it.
+    assert clients["s3"].list_objects_v2(Bucket=config["bucket"]).get("KeyCount", 0) == 0
+    # A re-run without --layer-zip finds the recorded prebuilt layer again.
+    code, lines = run(capsys, "deploy")
+    assert code == 0 and statuses(lines)["layer"] == "unchanged", lines
+    assert run(capsys, "destroy", "--yes")[0] == 0
     assert_nothing_left(clients, name)
 
 

@@ -73,19 +73,26 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--region", help="AWS region (default: the config's, else boto3's)")
         sub.add_argument("--profile", help="AWS profile (default: the config's, else boto3's)")
 
-    deploy = commands.add_parser("deploy", help="create or update the deployment")
+    deploy = commands.add_parser(
+        "deploy", help="create or update the deployment",
+        description="Create or update the deployment and write the config file that "
+                    "LambdaExecutor() reads. Flags left out keep the values of the deployment "
+                    "in the config file (same name), else the defaults shown.")
     common(deploy)
     deploy.add_argument("--bucket", help="bucket name (default {name}-{account}-{region})")
-    deploy.add_argument("--memory", type=int, dest="memory_mb", help="function memory, MB "
-                        "(default 2048)")
-    deploy.add_argument("--timeout", type=int, help="function timeout, s (default 900)")
+    deploy.add_argument("--memory", type=int, dest="memory_mb", metavar="MB",
+                        help="function memory (default 2048)")
+    deploy.add_argument("--timeout", type=int, metavar="SECONDS",
+                        help="function timeout (default 900)")
     deploy.add_argument("--architecture", choices=["arm64", "x86_64"],
                         help="default arm64")
-    deploy.add_argument("--max-event-age", type=int, help="seconds an async invoke may wait "
-                        "before it goes to the failure queue (default 21600)")
-    deploy.add_argument("--object-expiry-days", type=int,
+    deploy.add_argument("--max-event-age", type=int, metavar="SECONDS",
+                        help="how long an async invoke may wait before it goes to the "
+                             "failure queue (default 21600)")
+    deploy.add_argument("--object-expiry-days", type=int, metavar="DAYS",
                         help="lifecycle expiry of task objects (default 1)")
-    deploy.add_argument("--log-retention-days", type=int, help="default 14")
+    deploy.add_argument("--log-retention-days", type=int, metavar="DAYS",
+                        help="function log retention (default 14)")
     deploy.add_argument("--reserved-concurrency", type=_reserved, metavar="N|none",
                         help="reserve concurrency for the function (default none)")
     source = deploy.add_mutually_exclusive_group()

@@ -81,8 +81,9 @@ class Layer:
                  f"{self.deployment.settings.architecture}, Python {self.deployment.python})")
         started = time.monotonic()
         data = self.source.build()
-        progress(f"built layer: {len(data) / 2**20:.1f} MB in "
-                 f"{time.monotonic() - started:.0f} s; publishing")
+        size = (f"{len(data) / 2**20:.1f} MiB" if len(data) >= 2**20
+                else f"{len(data) / 2**10:.0f} KiB")
+        progress(f"built layer: {size} in {time.monotonic() - started:.0f} s; publishing")
         arn = self._publish(data)
         return Outcome(UPDATED if versions else CREATED,
                        ["new version"] if versions else [], detail=arn)

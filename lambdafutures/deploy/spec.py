@@ -34,6 +34,10 @@ TRUST_POLICY: dict[str, Any] = {
 
 TAG_KEY = "lambdafutures:deployment"
 
+# The only values CloudWatch Logs accepts for a retention policy.
+LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096,
+                      1827, 2192, 2557, 2922, 3288, 3653)
+
 
 def host_python() -> str:
     return "%d.%d" % sys.version_info[:2]
@@ -83,6 +87,8 @@ class Settings:
             raise ValueError("max event age must be 60..21600 seconds (Lambda's limit)")
         if self.object_expiry_days < 1:
             raise ValueError("object expiry must be at least 1 day")
+        if self.log_retention_days not in LOG_RETENTION_DAYS:
+            raise ValueError(f"log retention must be one of {LOG_RETENTION_DAYS} days")
         if self.reserved_concurrency is not None and self.reserved_concurrency < 1:
             raise ValueError("reserved concurrency must be at least 1 (or unset)")
         if not self.prefix or "/" in self.prefix.strip("/"):
