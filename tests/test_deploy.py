@@ -353,6 +353,8 @@ def test_deploy_creates_everything_twice_changes_nothing_destroy_removes_all(
 
     # A second run, with no flags at all: the config carries the settings; nothing changes.
     before = snapshot(clients, name)
+    assert {"s3.CreateBucket", "iam.PutRolePolicy", "lambda.CreateFunction",
+            "lambda.PutFunctionEventInvokeConfig"} <= set(api_calls)  # the recorder works
     api_calls.clear()
     code, lines = run(capsys, "deploy")
     assert code == 0, lines
