@@ -98,6 +98,7 @@ class LambdaExecutor(Executor):
         self._broken: str | None = None
         self._state_lock = threading.Lock()
         self._launches: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self._inline = threading.local()
         self._stale_keys: list[str] = []
         self._stragglers = StragglerWatch(speculation) if speculation else None
         self._invokers = [
@@ -141,7 +142,7 @@ class LambdaExecutor(Executor):
             if self._stragglers is not None:
                 self._stragglers.submitted += 1
         if start:
-            self._launches.put(task)
+            self._start(task)
         return future
 
     def _check_open(self) -> None:
@@ -195,6 +196,25 @@ class LambdaExecutor(Executor):
         return results()
 
     # -- invoking -----------------------------------------------------------------------------
+
+    def _start(self, task: Task) -> None:
+        """Launch a task that has a slot: through the invoker threads or, for a backend whose
+        invoke never blocks (invoke_threads == 0), right here, which saves a thread hop per
+        task. A failed launch frees its slot for the next task; that one is queued for the
+        loop below rather than launched by recursion."""
+        if self._invokers:
+            self._launches.put(task)
+            return
+        batch = getattr(self._inline, "batch", None)
+        if batch is not None:
+            batch.append(task)
+            return
+        self._inline.batch = batch = deque((task,))
+        try:
+            while batch:
+                self._launch(batch.popleft())
+        finally:
+            self._inline.batch = None
 
     def _invoke_loop(self) -> None:
         while True:
@@ -290,7 +310,7 @@ class LambdaExecutor(Executor):
                 task.attempt += 1
             log.info("task %d has run %.1f s; starting a backup attempt %d", task.id,
                      time.time() - (task.invoked_at or time.time()), task.attempt)
-            self._launches.put(task)
+            self._start(task)
 
     def _settle(self, task: Task, attempt: int, result: completion.Outcome,
                 message: dict[str, Any] | None = None) -> None:
@@ -313,7 +333,7 @@ class LambdaExecutor(Executor):
             with self._table.lock:
                 task.retries_left -= 1
                 task.attempt += 1
-            self._launches.put(task)
+            self._start(task)
             return
         if self._stragglers is not None:
             self._stragglers.finished_in(
@@ -338,7 +358,7 @@ class LambdaExecutor(Executor):
             self._stale_keys.append(protocol.blob_key(task.blob))
         nxt = self._table.end(task)
         if nxt is not None:
-            self._launches.put(nxt)
+            self._start(nxt)
 
     def _delete_stale_objects(self) -> None:
         if self._stale_keys:

@@ -44,6 +44,8 @@ class Backend:
     invoker: Invoker
     completions: CompletionQueue
     reply_url: str
+    # Threads that call `invoker.invoke`; 0 calls it in the thread that frees a slot
+    # (the submitter or the completion thread), for an invoke that never blocks.
     invoke_threads: int
     inline_limit: int
     # Host-side backstop on top of the per-task timeout, for a task nothing reports on.

@@ -72,7 +72,9 @@ def open_local_backend(
         invoker=pool,
         completions=completions,
         reply_url="local:",
-        invoke_threads=1,  # handing an event to a local worker is a socket write
+        # Handing an event to a local worker is a socket write that never blocks, so it
+        # happens in the thread that frees the slot: no invoker thread, no thread hop.
+        invoke_threads=0,
         inline_limit=inline_limit or protocol.inline_limit(),
         deadline_margin=5.0,
         sandbox_timeout=sandbox_timeout,
