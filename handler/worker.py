@@ -59,9 +59,11 @@ def handle(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     try:
         completion = _run(event, stats)
     finally:
-        watchdog.cancel()
-    if watchdog.fired:
-        return {"task": event["task"], "status": "timeout"}
+        timed_out = watchdog.cancel()
+    if timed_out:
+        # The watchdog has reported this task and is ending the process: sending a result
+        # now would contradict it, and taking the next event would lose that one.
+        threading.Event().wait()
     send_reply(event["reply"], completion)
     return {"task": event["task"], "status": completion["status"]}
 
@@ -195,7 +197,9 @@ class _TimeoutWatchdog:
     starts a fresh sandbox for the next event, the local pool a fresh process)."""
 
     def __init__(self, event: dict[str, Any], context: Any, stats: dict[str, Any]) -> None:
-        self.fired = False
+        self._fired = False
+        self._finished = False
+        self._lock = threading.Lock()
         self._event = event
         self._stats = stats
         self._timer: threading.Timer | None = None
@@ -217,12 +221,19 @@ class _TimeoutWatchdog:
         if self._timer is not None:
             self._timer.start()
 
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+    def cancel(self) -> bool:
+        """Stop watching; True if the watchdog fired first (it then ends the process)."""
+        with self._lock:
+            self._finished = True
+            if self._timer is not None:
+                self._timer.cancel()
+            return self._fired
 
     def _fire(self) -> None:
-        self.fired = True
+        with self._lock:
+            if self._finished:
+                return  # the call ended in time; its own completion goes out
+            self._fired = True
         stats = dict(self._stats, reported_at=time.time())
         try:
             send_reply(self._event["reply"], protocol.failure_completion(
