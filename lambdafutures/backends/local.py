@@ -1,9 +1,10 @@
 """The local backend: the worker code in local processes, no AWS account or server needed.
 
 The object store is a temporary directory (removed at shutdown) and completions come back
-through the worker pool's sockets into an in-process queue. When the pool sees a worker die
-or run out of time, it writes the failure completion that Lambda's failure destination
-would carry on AWS.
+through the worker pool's sockets, which the executor's completion thread reads itself
+(`receive` polls the pool), so a completion reaches its future without a thread hop. When
+the pool sees a worker die or run out of time, it writes the failure completion that
+Lambda's failure destination would carry on AWS.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _KILL_GRACE_S = 2.0
 class LocalCompletionQueue:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.pool: WorkerPool | None = None  # read by `receive`, when set
 
     def put(self, message: dict[str, Any]) -> None:
         self._queue.put(message)
@@ -34,6 +36,9 @@ class LocalCompletionQueue:
         self._queue.put(protocol.failure_completion(event, kind, message))
 
     def receive(self, max_messages: int, wait: float) -> list[dict[str, Any]]:
+        if self.pool is not None and self._queue.empty():
+            self.pool.poll(wait)  # passes what workers said to `put` / `report_failure`
+            wait = 0.0
         try:
             messages = [self._queue.get(timeout=wait)]
         except queue.Empty:
@@ -65,7 +70,8 @@ def open_local_backend(
     sandbox_timeout = None if timeout is None else timeout + _KILL_GRACE_S
     pool = WorkerPool(max_workers, timeout=sandbox_timeout, on_frame=completions.put,
                       on_failure=completions.report_failure, blas_threads=blas_threads,
-                      env=worker_env)
+                      env=worker_env, thread=False)
+    completions.pool = pool
     return Backend(
         name="local",
         store=store,

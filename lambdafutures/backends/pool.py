@@ -9,8 +9,10 @@ sandbox that dies. What happened to an event that did not finish is reported thr
 `on_failure(event, kind, message)`; everything the worker says comes back through
 `on_frame(frame)`.
 
-One manager thread owns the sockets' read side; `invoke` writes events directly to an idle
-worker so the common path costs no thread hop.
+One thread owns the sockets' read side: the pool's own manager thread or, with
+`thread=False`, whichever single thread calls `poll()` (the local backend's completion
+thread, so that a completion reaches its future without a thread hop). `invoke` writes
+events directly to an idle worker, so that path costs no thread hop either.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -26,11 +29,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from multiprocessing.connection import wait as wait_for_ready
 from typing import Any
 
 from lambdafutures_handler import protocol
-from lambdafutures_handler.local_worker import recv_frame, send_frame
+from lambdafutures_handler.local_worker import send_frame
 
 log = logging.getLogger("lambdafutures")
 
@@ -42,6 +44,10 @@ _BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_TH
 # reach it by value (serialize.py), so a task that works here also works on Lambda.
 _NO_CWD_ON_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 
+# One recv per readable socket, below malloc's mmap threshold; most frames fit in one.
+_READ_SIZE = 64 * 1024
+_FRAME_HEADER = 4
+
 
 class _Worker:
     def __init__(self, number: int, process: subprocess.Popen, sock: socket.socket) -> None:
@@ -50,6 +56,7 @@ class _Worker:
         self.sock = sock
         self.event: dict[str, Any] | None = None
         self.deadline: float | None = None
+        self.inbox = bytearray()  # bytes read but not yet a whole frame
 
 
 class WorkerPool:
@@ -63,6 +70,7 @@ class WorkerPool:
         blas_threads: int | None = 1,
         env: dict[str, str | None] | None = None,
         name: str = "local",
+        thread: bool = True,
     ) -> None:
         self.size = size
         self.timeout = timeout
@@ -77,9 +85,16 @@ class WorkerPool:
         self._closed = False
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
-        self._thread = threading.Thread(target=self._manage, name=f"lambdafutures-{name}-pool",
-                                        daemon=True)
-        self._thread.start()
+        # Registered and unregistered only by the reading thread; `_changed` tells it that
+        # the set of workers changed under it.
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        self._changed = False
+        self._thread: threading.Thread | None = None
+        if thread:
+            self._thread = threading.Thread(target=self._manage,
+                                            name=f"lambdafutures-{name}-pool", daemon=True)
+            self._thread.start()
 
     @staticmethod
     def _worker_env(blas_threads: int | None,
@@ -133,6 +148,7 @@ class WorkerPool:
         self._spawned += 1
         worker = _Worker(self._spawned, process, host_end)
         self._workers.append(worker)
+        self._changed = True
         self._wake()
         log.debug("started worker process %d (pid %d)", worker.number, process.pid)
         return worker
@@ -143,25 +159,43 @@ class WorkerPool:
         except (BlockingIOError, OSError):
             pass  # already awake, or closing
 
-    # -- the manager thread ---------------------------------------------------------------
+    # -- the reading thread ---------------------------------------------------------------
 
     def _manage(self) -> None:
-        while True:
-            with self._lock:
-                if self._closed:
-                    return
-                sockets = [worker.sock for worker in self._workers]
+        while self.poll(None):
+            pass
+
+    def poll(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` seconds (None: until something happens) for what workers
+        say, pass it on, and enforce deadlines. False once the pool is closed. Only one
+        thread may call this (the manager thread, when the pool has one)."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._changed:
+                self._sync_selector()
+            deadlines = None
+            if self.timeout is not None:
                 deadlines = [w.deadline for w in self._workers if w.deadline is not None]
-            wait = None
-            if deadlines:
-                wait = max(0.0, min(deadlines) - time.monotonic())
-            ready = wait_for_ready([self._wake_reader, *sockets], timeout=wait)
-            for sock in ready:
-                if sock is self._wake_reader:
-                    self._drain_wake()
-                else:
-                    self._read(sock)
+        if deadlines:
+            left = max(0.0, min(deadlines) - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
+                self._drain_wake()
+            else:
+                self._read(key.data)
+        if deadlines is not None:
             self._enforce_deadlines()
+        return True
+
+    def _sync_selector(self) -> None:
+        """Watch the sockets of workers started since the last look. Holds the lock."""
+        self._changed = False
+        watched = {key.data for key in self._selector.get_map().values()}
+        for worker in self._workers:
+            if worker not in watched:
+                self._selector.register(worker.sock, selectors.EVENT_READ, worker)
 
     def _drain_wake(self) -> None:
         try:
@@ -170,24 +204,26 @@ class WorkerPool:
         except (BlockingIOError, OSError):
             pass
 
-    def _worker_for(self, sock: socket.socket) -> _Worker | None:
-        with self._lock:
-            for worker in self._workers:
-                if worker.sock is sock:
-                    return worker
-        return None
-
-    def _read(self, sock: socket.socket) -> None:
-        worker = self._worker_for(sock)
-        if worker is None:
-            return
+    def _read(self, worker: _Worker) -> None:
         try:
-            body = recv_frame(sock)
+            chunk = worker.sock.recv(_READ_SIZE)
         except OSError:
-            body = None
-        if body is None:
+            chunk = b""
+        if not chunk:
             self._lost(worker, protocol.CRASH, self._describe_exit(worker))
             return
+        inbox = worker.inbox
+        inbox += chunk
+        # Every whole frame read so far (a frame is a 4-byte big-endian length and a body).
+        while len(inbox) >= _FRAME_HEADER:
+            end = _FRAME_HEADER + int.from_bytes(inbox[:_FRAME_HEADER], "big")
+            if len(inbox) < end:
+                break
+            body = bytes(inbox[_FRAME_HEADER:end])
+            del inbox[:end]
+            self._handle_frame(worker, body)
+
+    def _handle_frame(self, worker: _Worker, body: bytes) -> None:
         frame = json.loads(body)
         if frame.get("completion") is not None:
             self._on_frame(frame["completion"])
@@ -222,6 +258,10 @@ class WorkerPool:
 
     def _lost(self, worker: _Worker, kind: str, message: str) -> None:
         """A worker is gone: report its event, and start a replacement for queued work."""
+        try:
+            self._selector.unregister(worker.sock)
+        except (KeyError, ValueError):
+            pass  # started since the selector last looked, or already unregistered
         with self._lock:
             if worker in self._workers:
                 self._workers.remove(worker)
@@ -272,7 +312,8 @@ class WorkerPool:
             self._idle.clear()
             self._backlog.clear()
         self._wake()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         for worker in workers:
             worker.sock.close()  # an idle worker sees end-of-file and exits on its own
         deadline = time.monotonic() + 2.0
@@ -281,5 +322,6 @@ class WorkerPool:
                 worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self._kill(worker)
+        self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
