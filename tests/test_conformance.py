@@ -10,6 +10,7 @@ import asyncio
 import gc
 import itertools
 import re
+import threading
 import weakref
 from concurrent.futures import (
     ALL_COMPLETED,
@@ -144,7 +145,10 @@ def test_map_long_generator_with_buffersize(make_executor, chunksize):
             yield i
 
     results = ex.map(tasks.square, numbers(300), buffersize=8, chunksize=chunksize)
-    assert list(results) == [x * x for x in range(300)]
+    assert next(results) == 0
+    # Only a bounded window of the input is read ahead of the consumer.
+    assert len(consumed) <= 8 + 2 * chunksize
+    assert list(results) == [x * x for x in range(1, 300)]
     assert consumed == list(range(300))
 
 
@@ -573,3 +577,64 @@ def test_system_exit_in_a_task_is_the_task_s_exception(make_executor):
     assert type(exception) is SystemExit
     assert exception.code == 5
     assert ex.submit(tasks.square, 2).result(timeout=30) == 4
+
+
+# -- concurrency on the host ---------------------------------------------------------------------
+
+
+def test_submit_from_many_threads(make_executor):
+    ex = make_executor(max_workers=2)
+    futures: dict[int, Future] = {}
+    lock = threading.Lock()
+
+    def submit_some(start):
+        for i in range(start, start + 25):
+            future = ex.submit(tasks.square, i)
+            with lock:
+                futures[i] = future
+
+    threads = [threading.Thread(target=submit_some, args=(n * 25,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(futures) == list(range(100))
+    assert all(futures[i].result(timeout=60) == i * i for i in range(100))
+
+
+def test_submit_from_a_done_callback(make_executor):
+    ex = make_executor(max_workers=2)
+    follow_ups: list[Future] = []
+    submitted = threading.Event()
+
+    def chain(future):
+        follow_ups.append(ex.submit(tasks.square, future.result()))
+        submitted.set()
+
+    ex.submit(tasks.identity, 6).add_done_callback(chain)
+    assert submitted.wait(60)
+    assert follow_ups[0].result(timeout=60) == 36
+
+
+def test_many_small_tasks(make_executor):
+    ex = make_executor()
+    futures = [ex.submit(tasks.identity, i) for i in range(500)]
+    assert [f.result(timeout=60) for f in futures] == list(range(500))
+    assert list(ex.map(tasks.identity, range(500), chunksize=50)) == list(range(500))
+
+
+def test_map_closed_early_leaves_the_executor_usable(make_executor):
+    ex = make_executor(max_workers=1)
+    results = ex.map(tasks.sleep_then, [0.05] * 20, range(20))
+    assert next(results) == 0
+    results.close()  # cancels what has not started
+    assert ex.submit(tasks.square, 3).result(timeout=60) == 9
+    ex.shutdown(wait=True)
+
+
+def test_bound_methods_and_builtins(make_executor):
+    ex = make_executor()
+    token = tasks.Token(5)
+    assert ex.submit(token.__eq__, tasks.Token(5)).result(timeout=30) is True
+    assert ex.submit("-".join, ["a", "b"]).result(timeout=30) == "a-b"
+    assert list(ex.map(str.upper, ["x", "y"])) == ["X", "Y"]
