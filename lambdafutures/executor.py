@@ -395,7 +395,8 @@ class LambdaExecutor(Executor):
             self._shutdown = True
         if cancel_futures:
             for task in self._table.cancel_pending():
-                task.future.cancel()
+                if task.future.cancel():
+                    task.future.set_running_or_notify_cancel()  # so wait() counts it done
         if wait and self._completer is not threading.current_thread():
             self._completer.join()
 
@@ -411,7 +412,8 @@ class LambdaExecutor(Executor):
         with self._state_lock:
             self._shutdown = True
         for task in self._table.cancel_pending():
-            task.future.cancel()
+            if task.future.cancel():
+                task.future.set_running_or_notify_cancel()  # so wait() counts it done
         self._break(reason)
         self._completer.join()
 

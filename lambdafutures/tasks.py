@@ -79,6 +79,9 @@ class TaskTable:
             nxt = self.pending.popleft()
             if not nxt.future.cancelled():
                 return nxt
+            # CANCELLED -> CANCELLED_AND_NOTIFIED: only then do wait() and as_completed()
+            # count it as done (the stdlib executors do this when they dequeue it).
+            nxt.future.set_running_or_notify_cancel()
             del self.tasks[nxt.id]
         self.in_flight -= 1
         return None

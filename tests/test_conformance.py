@@ -281,6 +281,10 @@ def test_cancel_a_pending_task(make_executor):
         last.exception()
     assert slow.result(timeout=30) == "slow"
     assert middle.result(timeout=30) == "middle"
+    # wait() and as_completed() count a cancelled future as done.
+    done, not_done = wait([slow, middle, last], timeout=30)
+    assert done == {slow, middle, last} and not not_done
+    assert set(as_completed([last, middle], timeout=30)) == {last, middle}
     assert lambdafutures.stats_of(last) is None
     # The freed slot still serves new work.
     assert ex.submit(tasks.square, 5).result(timeout=30) == 25
@@ -312,6 +316,9 @@ def test_shutdown_cancel_futures(make_executor):
     for future in pending:
         with pytest.raises(CancelledError):
             future.result(timeout=0)
+    done, not_done = wait([running, *pending], timeout=10)
+    assert not not_done
+    assert len(list(as_completed(pending, timeout=10))) == len(pending)
 
 
 def test_shutdown_without_wait_still_ends_futures(make_executor):
@@ -638,3 +645,29 @@ def test_bound_methods_and_builtins(make_executor):
     assert ex.submit(token.__eq__, tasks.Token(5)).result(timeout=30) is True
     assert ex.submit("-".join, ["a", "b"]).result(timeout=30) == "a-b"
     assert list(ex.map(str.upper, ["x", "y"])) == ["X", "Y"]
+
+
+def test_cancel_many_while_running(make_executor):
+    ex = make_executor(max_workers=2)
+    futures = [ex.submit(tasks.sleep_then, 0.01, i) for i in range(60)]
+    for future in futures[::2]:
+        future.cancel()  # succeeds unless the task already started
+    done, not_done = wait(futures, timeout=60)
+    assert not not_done
+    for i, future in enumerate(futures):
+        if future.cancelled():
+            assert i % 2 == 0
+        else:
+            assert future.result() == i
+    assert ex.submit(tasks.square, 3).result(timeout=30) == 9
+
+
+def test_shutdown_no_wait_cancel_futures(make_executor):
+    ex = make_executor(max_workers=1)
+    running = ex.submit(tasks.sleep_then, 0.5, "ran")
+    pending = [ex.submit(tasks.identity, i) for i in range(5)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in pending)
+    assert running.result(timeout=60) == "ran"
+    done, not_done = wait([running, *pending], timeout=10)
+    assert not not_done
