@@ -144,12 +144,12 @@ def test_map_long_generator_with_buffersize(make_executor, chunksize):
             consumed.append(i)
             yield i
 
-    results = ex.map(tasks.square, numbers(300), buffersize=8, chunksize=chunksize)
+    results = ex.map(tasks.square, numbers(120), buffersize=8, chunksize=chunksize)
     assert next(results) == 0
     # Only a bounded window of the input is read ahead of the consumer.
     assert len(consumed) <= 8 + 2 * chunksize
-    assert list(results) == [x * x for x in range(1, 300)]
-    assert consumed == list(range(300))
+    assert list(results) == [x * x for x in range(1, 120)]
+    assert consumed == list(range(120))
 
 
 def test_map_buffersize_consumes_input_lazily(make_executor):
@@ -383,7 +383,7 @@ def test_no_stale_reference_to_a_consumed_result(make_executor):
 @pytest.mark.parametrize("chunksize", [1, 3])
 def test_no_stale_reference_in_map(make_executor, chunksize):
     ex = make_executor(max_workers=2)
-    for token in ex.map(tasks.make_token, range(6), chunksize=chunksize):
+    for token in ex.map(tasks.make_token, range(4), chunksize=chunksize):
         ref = weakref.ref(token)
         del token
         assert _dead_after_gc(ref), "map still holds a result it already yielded"
@@ -625,8 +625,8 @@ def test_submit_from_a_done_callback(make_executor):
 
 def test_many_small_tasks(make_executor):
     ex = make_executor()
-    futures = [ex.submit(tasks.identity, i) for i in range(500)]
-    assert [f.result(timeout=60) for f in futures] == list(range(500))
+    futures = [ex.submit(tasks.identity, i) for i in range(200)]
+    assert [f.result(timeout=60) for f in futures] == list(range(200))
     assert list(ex.map(tasks.identity, range(500), chunksize=50)) == list(range(500))
 
 
