@@ -66,7 +66,7 @@ def test_unpicklable_result(make_executor):
     future = ex.submit(tasks.return_lock)
     exception = future.exception(timeout=60)
     assert isinstance(exception, SerializationError)
-    assert "lock" in str(exception)  # names the type: _thread.lock
+    assert "_thread.lock" in str(exception)  # names the type
     with pytest.raises(SerializationError):
         future.result()
     _still_works(ex)
