@@ -88,7 +88,7 @@ def test_worker_crash(make_executor):
     future = ex.submit(tasks.exit_with, 3)
     exception = future.exception(timeout=60)
     assert isinstance(exception, WorkerCrashed)
-    assert re.search(r"\b3\b", str(exception)), str(exception)
+    assert re.search(r"(code|status) 3\b", str(exception)), str(exception)
     _still_works(ex)
 
 
