@@ -225,9 +225,13 @@ class LambdaExecutor(Executor):
             del task  # while idle, hold no task: its future (and result) may be dropped
 
     def _launch(self, task: Task) -> None:
-        if task.attempt == 0 and not task.future.set_running_or_notify_cancel():
-            self._end(task)
-            return
+        if task.attempt == 0:
+            try:
+                if not task.future.set_running_or_notify_cancel():
+                    self._end(task)
+                    return
+            except RuntimeError:
+                return  # it has ended already: the executor broke while it waited to launch
         attempt = task.attempt
         try:
             event = self._event_for(task)

@@ -28,6 +28,9 @@ import pytest
 import lambdafutures
 import tasks
 
+# A library thread dying with an exception during a test fails that test.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 # -- submit and futures ---------------------------------------------------------------------
 
 
@@ -671,3 +674,20 @@ def test_shutdown_no_wait_cancel_futures(make_executor):
     assert running.result(timeout=60) == "ran"
     done, not_done = wait([running, *pending], timeout=10)
     assert not not_done
+
+
+def test_keyboard_interrupt_in_the_with_block_abandons_the_work(make_executor):
+    ex = make_executor(max_workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        with ex:
+            running = ex.submit(tasks.sleep_then, 5, "too slow")
+            pending = [ex.submit(tasks.identity, i) for i in range(3)]
+            raise KeyboardInterrupt
+    # Leaving the block did not wait for the running task: every future has ended.
+    assert running.done()
+    assert isinstance(running.exception(timeout=0), lambdafutures.BrokenExecutor)
+    assert all(f.cancelled() for f in pending)
+    done, not_done = wait([running, *pending], timeout=10)
+    assert not not_done
+    with pytest.raises((RuntimeError, lambdafutures.BrokenExecutor)):
+        ex.submit(tasks.identity, 1)

@@ -17,6 +17,9 @@ import lambdafutures
 import tasks
 from lambdafutures import SerializationError, TaskTimeout, WorkerCrashed
 
+# A library thread dying with an exception during a test fails that test.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 
 # Executors with a per-task `timeout` use 3 s rather than 1 s: on AWS a fresh sandbox spends
 # its first task's time importing boto3 (about 0.5 s on an idle machine), and the follow-up
