@@ -104,6 +104,17 @@ def test_worker_crash_spares_the_other_tasks(make_executor):
     assert [f.result(timeout=60) for f in good + more] == list(range(8))
 
 
+def test_worker_killed_by_a_signal(make_executor):
+    ex = make_executor(max_workers=2)
+    segfault = ex.submit(tasks.kill_self, "SIGSEGV")
+    oom_kill = ex.submit(tasks.kill_self, "SIGKILL")
+    for future in (segfault, oom_kill):
+        exception = future.exception(timeout=60)
+        assert isinstance(exception, WorkerCrashed), repr(exception)
+        assert re.search(r"(?i)sig|signal", str(exception)), str(exception)
+    _still_works(ex)
+
+
 def test_task_timeout(make_executor):
     ex = make_executor(max_workers=2, timeout=TIMEOUT_S)
     future = ex.submit(tasks.sleep_then, 30, "too late")
