@@ -50,7 +50,15 @@ def _load(blob: dict[str, str] | None, sig: str | None, store: ObjectStore, key:
     if not blob:
         raise errors.SerializationError("completion carries no result")
     stored = protocol.blob_key(blob)
-    data = store.get(stored) if stored else protocol.read_inline(blob)
+    try:
+        data = store.get(stored) if stored else protocol.read_inline(blob)
+    except Exception as exc:  # noqa: BLE001 - this task's failure, not the executor's
+        # E.g. S3 still failing after botocore's retries: the future ends with a typed error
+        # instead of the exception ending the completion thread (BrokenExecutor for all).
+        where = f"object {stored!r}" if stored else "its inline blob"
+        raise errors.LambdaFuturesError(
+            f"the task's result could not be read from {where}: "
+            f"{type(exc).__name__}: {exc}") from exc
     if not protocol.verify(key, data, sig):
         raise errors.SignatureMismatch(
             "result signature does not match this executor's key; refusing to unpickle it")

@@ -48,6 +48,7 @@ def open_aws_backend(
     receivers: int = DEFAULT_RECEIVERS,
     inline_limit: int | None = None,
     long_poll_s: int = 20,
+    deadline_margin: float = 30.0,
     session: Any = None,
     **options: Any,
 ) -> Backend:
@@ -99,7 +100,7 @@ def open_aws_backend(
         reply_url=completions.queue_url,
         invoke_threads=threads,
         inline_limit=inline_limit or protocol.inline_limit(),
-        deadline_margin=30.0,
+        deadline_margin=deadline_margin,
         sandbox_timeout=float(sandbox_timeout) if sandbox_timeout else None,
         default_max_workers=DEFAULT_MAX_WORKERS,
         closers=[completions.close, delete_objects],
@@ -192,12 +193,30 @@ class SqsCompletionQueue:
                 log.error("cannot receive completions from %s: %s", queue_url, exc)
                 self._error = exc
                 return
+            if self._closed.is_set():
+                if failures:
+                    self._hand_back(queue_url, response.get("Messages", ()))
+                return
             for raw in response.get("Messages", ()):
                 message = self._parse(raw, failures)
                 if message is None:
                     continue
                 message["_receipt"] = (queue_url, raw["ReceiptHandle"])
                 self._received.put(message)
+
+    def _hand_back(self, queue_url: str, raws: Any) -> None:
+        """The failure records of a poll that ended after close: none is of use here (this
+        executor's tasks have all ended), so make them visible again at once; kept,
+        they would wait out the shared queue's visibility timeout (30 s by default) and
+        delay that executor's crash and timeout reports by as much."""
+        entries = [{"Id": str(n), "ReceiptHandle": raw["ReceiptHandle"], "VisibilityTimeout": 0}
+                   for n, raw in enumerate(raws)]
+        if entries:
+            try:
+                self._sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
+            except Exception:  # noqa: BLE001 - they come back after the visibility timeout
+                log.debug("could not hand back %d failure records", len(entries),
+                          exc_info=True)
 
     def _parse(self, raw: dict[str, Any], failure: bool) -> dict[str, Any] | None:
         try:
@@ -257,7 +276,12 @@ def failure_from_record(record: dict[str, Any]) -> tuple[str, str]:
     described = ": ".join(part for part in (error_type, error_message) if part)
     if error_type.startswith("Runtime.") or not error_type:
         return protocol.CRASH, f"the Lambda worker died: {described or condition}"
-    return protocol.PROTOCOL, f"the Lambda handler failed: {described}"
+    if error_type == "ProtocolError":  # the worker cannot read this executor's events
+        return protocol.PROTOCOL, f"the Lambda handler failed: {described}"
+    # Anything else the handler raised is the worker's own infrastructure failing (S3 or SQS
+    # unreachable, throttled past botocore's retries while sending the completion), not the
+    # user's code: a failed attempt that `retries` may run again, as after a crash.
+    return protocol.CRASH, f"the Lambda handler failed: {described}"
 
 
 def _is_throttle_or_transient(exc: BaseException) -> bool:
