@@ -80,3 +80,11 @@ def make_executor(backend):
     yield make
     for executor in made:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The fault-injection figures (tests/test_faults.py) as a Markdown table."""
+    table = getattr(config, "_lambdafutures_fault_table", None)
+    if table:
+        terminalreporter.write_sep("=", "fault injection")
+        terminalreporter.write_line(table)

@@ -55,8 +55,11 @@ class LambdaEndpoint:
 
     def __init__(self, moto_url: str, *, concurrency: int = 8, latency_s: float = 0.0,
                  run: bool = True, host: str = "127.0.0.1", port: int = 0,
-                 blas_threads: int | None = 1) -> None:
+                 blas_threads: int | None = 1,
+                 worker_env: dict[str, str | None] | None = None) -> None:
         self.moto_url = moto_url.rstrip("/")
+        # Merged into the workers' environment last, e.g. {"AWS_ENDPOINT_URL_SQS": proxy}.
+        self.worker_env = worker_env
         self.concurrency = concurrency
         self.latency_s = latency_s
         self.run = run
@@ -143,6 +146,7 @@ class LambdaEndpoint:
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(function.memory),
             # Workers talk to moto directly; the host's route to this endpoint stays out.
             "AWS_ENDPOINT_URL_LAMBDA": None,
+            **(self.worker_env or {}),
         }
         pool = WorkerPool(
             self.concurrency, timeout=function.timeout, on_frame=lambda frame: None,
