@@ -1,4 +1,4 @@
-"""The wire protocol between host and worker, version 1.
+"""The wire protocol between host and worker, version 2.
 
 This module is the single source of truth for the messages that cross the wire. The host
 (`lambdafutures`) and the worker (`lambdafutures_handler`) both import it, and the worker is
@@ -13,6 +13,10 @@ Completion message (JSON, worker -> host):
 `payload` and `result` are blob references: {"inline": base64} or {"key": object key in
 `store`}. `sig` is an HMAC-SHA256 over the blob's bytes under the executor's random `key`,
 which travels only inside the invoke event.
+
+A payload's bytes (see `pack_payload`) hold the function's pickle and the calls' pickle
+apart, so that both ends can reuse a function's pickle across tasks (version 2; version 1
+pickled the function and its calls together). A result's bytes are one pickle.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import base64
 import hashlib
 import hmac
 import os
+import struct
 import sys
 import time
 from typing import Any
 
-VERSION = 1
+VERSION = 2
 
 # Lambda's async-invoke event limit and SQS's message limit were both 256 KiB for years
 # (both have since grown to 1 MiB); 256 KiB is safe everywhere, including moto.
@@ -106,6 +111,37 @@ def blob_key(blob: dict[str, str]) -> str | None:
 
 def read_inline(blob: dict[str, str]) -> bytes:
     return base64.b64decode(blob["inline"])
+
+
+# -- payloads ------------------------------------------------------------------------------
+# b"LFP" | flags (1 byte) | length of the function's pickle (4 bytes, big-endian) |
+# the function's pickle | the pickle of (calls, batch).
+_PAYLOAD_MAGIC = b"LFP"
+_PAYLOAD_HEADER = struct.Struct("!3sBI")
+# The host found nothing that the function captures that could change, or that a call could
+# change, so a worker may keep the function it unpickled for later payloads with the very
+# same function bytes.
+FN_REUSABLE = 1
+
+
+def pack_payload(fn_pickle: bytes, calls_pickle: bytes, flags: int = 0) -> bytes:
+    return b"".join((_PAYLOAD_HEADER.pack(_PAYLOAD_MAGIC, flags, len(fn_pickle)), fn_pickle,
+                     calls_pickle))
+
+
+def unpack_payload(data: bytes) -> tuple[bytes | None, int, memoryview | bytes]:
+    """(function pickle, flags, pickle of (calls, batch)); for a payload that is one pickle of
+    (fn, calls, batch), as hand-built events may carry, (None, 0, data)."""
+    if data[:len(_PAYLOAD_MAGIC)] != _PAYLOAD_MAGIC:
+        return None, 0, data
+    if len(data) < _PAYLOAD_HEADER.size:
+        raise ProtocolError("payload is shorter than its header")
+    _, flags, size = _PAYLOAD_HEADER.unpack_from(data)
+    start = _PAYLOAD_HEADER.size
+    if len(data) < start + size:
+        raise ProtocolError("payload is shorter than its function's pickle")
+    view = memoryview(data)
+    return bytes(view[start:start + size]), flags, view[start + size:]
 
 
 def payload_key(executor: str, task: int) -> str:

@@ -94,7 +94,7 @@ def _run(event: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
         return failed(protocol.SIGNATURE, "SignatureMismatch",
                       "payload signature does not match; refusing to unpickle it")
     try:
-        fn, calls, batch = cloudpickle.loads(data)
+        fn, calls, batch = _load_payload(data)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported, not raised
         return failed(protocol.SERIALIZATION, type(exc).__name__,
                       f"payload cannot be unpickled on the worker: {exc!r}",
@@ -130,6 +130,29 @@ def _run(event: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
     result, sig = _store_blob(event, store, key, pickled)
     _finish_stats(stats)
     return protocol.make_completion(event, status="ok", stats=stats, result=result, sig=sig)
+
+
+# Functions from payloads flagged FN_REUSABLE, by the bytes of their pickle: a warm worker
+# skips rebuilding a function it already has, as a warm sandbox keeps its imports.
+_functions: dict[bytes, Any] = {}
+_FUNCTIONS_KEPT = 64
+
+
+def _load_payload(data: bytes) -> tuple[Any, list, bool]:
+    fn_pickle, flags, rest = protocol.unpack_payload(data)
+    if fn_pickle is None:
+        return cloudpickle.loads(data)
+    reusable = flags & protocol.FN_REUSABLE
+    fn = _functions.get(fn_pickle) if reusable else None
+    # A call that gave its function an attribute changed it: the next task gets a fresh one.
+    if fn is None or getattr(fn, "__dict__", None):
+        fn = cloudpickle.loads(fn_pickle)
+        if reusable:
+            if len(_functions) >= _FUNCTIONS_KEPT:
+                _functions.clear()
+            _functions[fn_pickle] = fn
+    calls, batch = cloudpickle.loads(rest)
+    return fn, calls, batch
 
 
 def _store_blob(event, store, key: bytes, data: bytes, room: int = 0):
