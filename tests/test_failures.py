@@ -217,3 +217,19 @@ def test_argument_that_cannot_be_unpickled_on_the_worker(make_executor):
     assert isinstance(exception, SerializationError)
     assert "cannot be loaded" in str(exception)
     _still_works(ex)
+
+
+def test_crash_reports_reach_their_executor_while_others_are_open(make_executor):
+    # Executors of one deployment may share where crash reports arrive (on AWS, the
+    # function's on-failure queue): each crash must still end its own task as a crash.
+    ex = make_executor(max_workers=2)
+    others = [make_executor(max_workers=1) for _ in range(3)]
+    for other in others:
+        assert other.submit(tasks.identity, 1).result(timeout=60) == 1
+    crashes = [ex.submit(tasks.exit_with, 3) for _ in range(2)]
+    for future in crashes:
+        exception = future.exception(timeout=120)
+        assert isinstance(exception, WorkerCrashed), repr(exception)
+    _still_works(ex)
+    for other in others:
+        _still_works(other)
