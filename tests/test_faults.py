@@ -31,7 +31,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from lambdafutures import LambdaExecutor, LambdaFuturesError, TaskTimeout, WorkerCrashed, stats_of
+from lambdafutures import (
+    InvocationFailed,
+    LambdaExecutor,
+    LambdaFuturesError,
+    TaskTimeout,
+    WorkerCrashed,
+    stats_of,
+)
 from lambdafutures.testing.faults import DELAY, DROP, DUPLICATE, ERROR, RESET, THROTTLE, Rule
 
 pytestmark = pytest.mark.faults
@@ -47,8 +54,9 @@ S3_GET, S3_PUT = "GET /*/tasks/*", "PUT /*/tasks/*"
 
 # -- the task (shipped to workers by value) ---------------------------------------------------
 
-def job(i, mode, marker_dir=None):
-    """i*i, or the fault `mode` asks for: raise, crash, crash once, sleep, a 1 MB result."""
+def job(i, mode, marker_dir=None, argument=None):
+    """i*i, or the fault `mode` asks for: raise, crash, crash once, sleep, a 1 MB result.
+    `argument` only makes the payload big enough to travel through the object store."""
     if mode == "raise":
         raise ValueError(f"task {i} raises on purpose")
     if mode == "crash":
@@ -104,6 +112,8 @@ class Scenario:
     # Where attempt numbers are free (a retry after a dropped completion hits any task).
     any_attempt: bool = False
     worker_faults: str = ""           # what the plan injects, for the table
+    argument_bytes: int = 0           # > inline limit: payloads go through the object store
+    all_fail: type | None = None      # every task must end with this error (and no retry)
 
 
 def _plain(i):
@@ -111,8 +121,12 @@ def _plain(i):
 
 
 PROXY_SCENARIOS = [
-    Scenario("invoke throttled: 429 on 20% of invokes", with_raisers(_plain),
-             invoke=[Rule(INVOKE, THROTTLE, probability=0.2)]),
+    Scenario("throttled: 429 on 20% of invokes and of completion receives",
+             with_raisers(_plain), invoke=[Rule(INVOKE, THROTTLE, probability=0.2)],
+             host=[Rule(RECEIVE, THROTTLE, probability=0.2)]),
+    Scenario("throttled for good: 429 on every invoke, retries=2", _plain, tasks=16,
+             invoke=[Rule(INVOKE, THROTTLE, every=1)], max_workers=16, retries=2,
+             tolerated=(InvocationFailed,), all_fail=InvocationFailed),
     Scenario("500s: 10% of invokes and of completion receives", with_raisers(_plain),
              invoke=[Rule(INVOKE, ERROR, probability=0.1)],
              host=[Rule(RECEIVE, ERROR, probability=0.1)]),
@@ -139,11 +153,11 @@ PROXY_SCENARIOS = [
              "3 attempts), retries=1", with_raisers(_plain),
              worker=[Rule(SEND, ERROR, probability=0.15), Rule(SEND, THROTTLE, probability=0.15)],
              tolerated=(WorkerCrashed,), any_attempt=True),
-    Scenario("S3 500s: 20% of host GETs and worker PUTs of 1 MB results, retries=1",
-             with_raisers(lambda i: "big"), tasks=max(1, N // 2),
-             host=[Rule(S3_GET, ERROR, probability=0.2)],
-             worker=[Rule(S3_PUT, ERROR, probability=0.2)],
-             tolerated=(WorkerCrashed, LambdaFuturesError), any_attempt=True),
+    Scenario("S3 500s: 20% of every GET and PUT (300 KB arguments, 1 MB results), retries=1",
+             with_raisers(lambda i: "big"), tasks=max(1, N // 2), argument_bytes=300_000,
+             host=[Rule(S3_GET, ERROR, probability=0.2), Rule(S3_PUT, ERROR, probability=0.2)],
+             worker=[Rule(S3_GET, ERROR, probability=0.2), Rule(S3_PUT, ERROR, probability=0.2)],
+             tolerated=(WorkerCrashed, LambdaFuturesError, InvocationFailed), any_attempt=True),
     Scenario("everything at once, retries=2", with_raisers(every(20, 11, "crash_once")),
              invoke=[Rule(INVOKE, THROTTLE, probability=0.1),
                      Rule(INVOKE, ERROR, probability=0.05),
@@ -237,10 +251,11 @@ def run(scenario, backend, executor, marker_dir, ignored, injected):
     nothing yet)."""
     modes = [scenario.plan(i) for i in range(scenario.tasks)]
     ended_at = []
+    argument = b"a" * scenario.argument_bytes if scenario.argument_bytes else None
     start = time.monotonic()
     futures = []
     for i, mode in enumerate(modes):
-        future = executor.submit(job, i, mode, marker_dir)
+        future = executor.submit(job, i, mode, marker_dir, argument)
         future.add_done_callback(lambda f: ended_at.append(time.monotonic()))
         futures.append(future)
     done, not_done = wait(futures, timeout=HANG_S)
@@ -361,6 +376,10 @@ def test_proxy_faults(scenario, fault_stack, fault_rows, ignored_completions, tm
     for proxy in proxies.values():
         proxy.reset()
     finish(executor, row, fault_rows, scenario)
+    if scenario.all_fail is not None:
+        # Bounded retries of the invoke (tenacity), then the typed error; never a re-run.
+        assert row.errors[scenario.all_fail.__name__] == row.submitted
+        assert row.rerun == 0
     if scenario.worker and scenario.worker[0].fault == DROP and not scenario.invoke:
         drops = row.faults.get(DROP, 0)
         assert drops > 0

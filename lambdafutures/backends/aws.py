@@ -205,12 +205,15 @@ class SqsCompletionQueue:
                 self._received.put(message)
 
     def _hand_back(self, queue_url: str, raws: Any) -> None:
-        """The failure records of a poll that ended after close: none is of use here (this
-        executor's tasks have all ended), so make them visible again at once; kept,
-        they would wait out the shared queue's visibility timeout (30 s by default) and
+        """The failure records of a poll that ended after close: delete this executor's own
+        (late records of tasks that have ended) and make the others visible again at once;
+        kept, they would wait out the shared queue's visibility timeout (30 s by default) and
         delay that executor's crash and timeout reports by as much."""
+        own = [raw for raw in raws if self._parse(raw, True) is not None]
+        if own:
+            self._delete_batch(queue_url, [raw["ReceiptHandle"] for raw in own])
         entries = [{"Id": str(n), "ReceiptHandle": raw["ReceiptHandle"], "VisibilityTimeout": 0}
-                   for n, raw in enumerate(raws)]
+                   for n, raw in enumerate(raws) if raw not in own]
         if entries:
             try:
                 self._sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
