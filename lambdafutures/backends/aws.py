@@ -25,7 +25,7 @@ from lambdafutures_handler import protocol
 from lambdafutures_handler.transport import S3Store
 
 from .base import Backend
-from .invoke import LambdaInvoker
+from .lean import make_invoker, make_sqs
 
 log = logging.getLogger("lambdafutures")
 
@@ -50,6 +50,8 @@ def open_aws_backend(
     long_poll_s: int = 20,
     deadline_margin: float = 30.0,
     session: Any = None,
+    invoker: str = "lean",
+    receiver: str = "lean",
     **options: Any,
 ) -> Backend:
     unknown = set(options) - set(_OPTIONS)
@@ -80,13 +82,16 @@ def open_aws_backend(
     # Invoke retries are ours (tenacity, in invoke.py) so throttling is retried with backoff
     # and counted once; botocore's own retries would multiply the attempts.
     lam = client("lambda", threads, retries={"total_max_attempts": 1})
+    # "lean" sends invokes, receives and deletes itself, signed by botocore, at a fraction of
+    # boto3's CPU per call (lean.py); "boto3" keeps the plain clients.
+    lambda_invoker = make_invoker(invoker, lam, session, settings["function_name"], threads)
+    completion_sqs = make_sqs(receiver, sqs, session, receivers + 3)
 
     store = S3Store(settings["bucket"], f"{settings.get('prefix', 'tasks')}", client=s3)
     completions = SqsCompletionQueue(
-        sqs, f"{settings['queue_prefix']}{executor_id}", executor_id,
+        completion_sqs, f"{settings['queue_prefix']}{executor_id}", executor_id,
         failure_queue_url=settings.get("failure_queue_url"), receivers=receivers,
         long_poll_s=long_poll_s)
-    invoker = LambdaInvoker(lam, settings["function_name"])
 
     def delete_objects() -> None:
         store.delete_prefix(f"{executor_id}/")
@@ -95,7 +100,7 @@ def open_aws_backend(
     return Backend(
         name="aws",
         store=store,
-        invoker=invoker,
+        invoker=lambda_invoker,
         completions=completions,
         reply_url=completions.queue_url,
         invoke_threads=threads,
@@ -103,7 +108,9 @@ def open_aws_backend(
         deadline_margin=deadline_margin,
         sandbox_timeout=float(sandbox_timeout) if sandbox_timeout else None,
         default_max_workers=DEFAULT_MAX_WORKERS,
-        closers=[completions.close, delete_objects],
+        closers=[getattr(lambda_invoker, "close", lambda: None),
+                 getattr(completion_sqs, "close", lambda: None), completions.close,
+                 delete_objects],
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
+    ConnectTimeoutError,
     EndpointConnectionError,
     ReadTimeoutError,
 )
@@ -35,8 +36,9 @@ _RETRYABLE_CODES = {
     "ServiceException", "EC2ThrottledException", "ResourceConflictException",
     "RequestThrottled", "SlowDown", "InternalError", "ServiceUnavailable",
 }
+# botocore's ConnectTimeoutError is not an EndpointConnectionError, so it is named too.
 _CONNECTION_ERRORS = (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError,
-                      ProtocolError, ConnectionError)
+                      ConnectTimeoutError, ProtocolError, ConnectionError)
 
 
 def is_retryable(exc: BaseException) -> bool:

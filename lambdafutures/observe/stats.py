@@ -31,6 +31,9 @@ class TaskStats:
     memory_limit_mb: int | None
     peak_memory_mb: float | None
     status: str
+    # When the worker sent its completion (same clock caveat as above): result_received -
+    # sent_at is the completion path's latency (queue, receive, host handling).
+    sent_at: float | None = None
 
     @property
     def queue_time(self) -> float | None:
@@ -80,6 +83,7 @@ def from_message(
         worker_id=worker.get("worker_id"), cold_start=worker.get("cold_start"),
         billed_ms=worker.get("billed_ms"), memory_limit_mb=worker.get("memory_limit_mb"),
         peak_memory_mb=worker.get("peak_memory_mb"), status=status,
+        sent_at=worker.get("sent_at"),
     )
 
 
