@@ -12,6 +12,7 @@ sent from another thread (the timeout watchdog) goes out at once with idle false
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -25,6 +26,8 @@ from . import transport
 from .worker import handle
 
 _HEADER = struct.Struct("!I")
+# One recv takes whatever frames have arrived, up to this much (below malloc's mmap threshold).
+_READ_SIZE = 64 * 1024
 
 
 def send_frame(sock: socket.socket, body: bytes) -> None:
@@ -55,14 +58,45 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
     return bytes(buffer)
 
 
+class _FrameReader:
+    """Frames from a socket, taking with one recv as many as have arrived."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def next(self) -> bytes | None:
+        """The next frame's body, or None once the peer has closed the socket."""
+        buffer = self._buffer
+        while True:
+            if len(buffer) >= _HEADER.size:
+                end = _HEADER.size + _HEADER.unpack_from(buffer)[0]
+                if len(buffer) >= end:
+                    body = bytes(buffer[_HEADER.size:end])
+                    del buffer[:end]
+                    return body
+            chunk = self._sock.recv(_READ_SIZE)
+            if not chunk:
+                return None
+            buffer += chunk
+
+
+# The environment is the sandbox's configuration: it is fixed when the process starts.
+_FUNCTION_NAME = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "lambdafutures-local")
+_MEMORY = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+# Request ids are unique like Lambda's (a random per-process part and a counter) without
+# costing a uuid4 per event.
+_REQUEST_PREFIX = uuid.uuid4().hex[:20]
+_requests = itertools.count()
+
+
 class LocalContext:
     """The parts of Lambda's context object the worker uses."""
 
     def __init__(self, timeout: float | None) -> None:
-        self.aws_request_id = uuid.uuid4().hex
-        self.function_name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "lambdafutures-local")
-        memory = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
-        self.memory_limit_in_mb = int(memory) if memory else None
+        self.aws_request_id = f"{_REQUEST_PREFIX}{next(_requests):012x}"
+        self.function_name = _FUNCTION_NAME
+        self.memory_limit_in_mb = int(_MEMORY) if _MEMORY else None
         self._deadline = None if timeout is None else time.monotonic() + timeout
 
     def get_remaining_time_in_millis(self) -> int | None:
@@ -85,8 +119,9 @@ def serve(sock: socket.socket, timeout: float | None) -> None:
             send_frame(sock, json.dumps({"completion": message, "idle": False}).encode())
 
     transport.set_local_reply(reply)
+    frames = _FrameReader(sock)
     while True:
-        body = recv_frame(sock)
+        body = frames.next()
         if body is None:
             return
         frame: dict = {"idle": True}

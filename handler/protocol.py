@@ -64,13 +64,19 @@ def fits_inline(size: int, limit: int) -> bool:
     return (size * 4) // 3 + _ENVELOPE_ROOM <= limit
 
 
-def runtime_versions() -> dict[str, str]:
-    import cloudpickle
+_runtime: dict[str, str] | None = None
 
-    return {
-        "python": "%d.%d" % sys.version_info[:2],
-        "cloudpickle": cloudpickle.__version__,
-    }
+
+def runtime_versions() -> dict[str, str]:
+    global _runtime
+    if _runtime is None:  # read once: every event carries it, every worker checks it
+        import cloudpickle
+
+        _runtime = {
+            "python": "%d.%d" % sys.version_info[:2],
+            "cloudpickle": cloudpickle.__version__,
+        }
+    return dict(_runtime)
 
 
 # -- signing -------------------------------------------------------------------------------
@@ -91,8 +97,15 @@ def encode_key(key: bytes) -> str:
     return base64.b64encode(key).decode("ascii")
 
 
+_last_key: tuple[str, bytes] = ("", b"")
+
+
 def decode_key(text: str) -> bytes:
-    return base64.b64decode(text)
+    global _last_key
+    # A worker sees one executor's key event after event: decode it once.
+    if _last_key[0] != text:
+        _last_key = (text, base64.b64decode(text))
+    return _last_key[1]
 
 
 # -- blobs ---------------------------------------------------------------------------------
