@@ -129,6 +129,7 @@ class SqsCompletionQueue:
                  failure_queue_url: str | None, receivers: int, long_poll_s: int) -> None:
         self._sqs = sqs
         self._executor_id = executor_id
+        self._queue_prefix = queue_name[:-len(executor_id)]
         self._long_poll_s = long_poll_s
         self.queue_url = sqs.create_queue(
             QueueName=queue_name,
@@ -203,47 +204,62 @@ class SqsCompletionQueue:
                 log.error("cannot receive completions from %s: %s", queue_url, exc)
                 self._error = exc
                 return
-            if self._closed.is_set():
-                if failures:
-                    self._hand_back(queue_url, response.get("Messages", ()))
-                return
+            closed = self._closed.is_set()
             for raw in response.get("Messages", ()):
-                message = self._parse(raw, failures)
+                message = (self._route_failure(queue_url, raw, closed) if failures
+                           else self._parse(raw))
                 if message is None:
                     continue
                 message["_receipt"] = (queue_url, raw["ReceiptHandle"])
                 self._received.put(message)
+            if closed:
+                return
 
-    def _hand_back(self, queue_url: str, raws: Any) -> None:
-        """The failure records of a poll that ended after close: delete this executor's own
-        (late records of tasks that have ended) and make the others visible again at once;
-        kept, they would wait out the shared queue's visibility timeout (30 s by default) and
-        delay that executor's crash and timeout reports by as much."""
-        own = [raw for raw in raws if self._parse(raw, True) is not None]
-        if own:
-            self._delete_batch(queue_url, [raw["ReceiptHandle"] for raw in own])
-        entries = [{"Id": str(n), "ReceiptHandle": raw["ReceiptHandle"], "VisibilityTimeout": 0}
-                   for n, raw in enumerate(raws) if raw not in own]
-        if entries:
-            try:
-                self._sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
-            except Exception:  # noqa: BLE001 - they come back after the visibility timeout
-                log.debug("could not hand back %d failure records", len(entries),
-                          exc_info=True)
-
-    def _parse(self, raw: dict[str, Any], failure: bool) -> dict[str, Any] | None:
+    @staticmethod
+    def _parse(raw: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            body = json.loads(raw["Body"])
+            return json.loads(raw["Body"])
         except (ValueError, KeyError):
             log.warning("dropping a message that is not JSON")
             return None
-        if not failure:
-            return body
-        event = body.get("requestPayload")
-        if not isinstance(event, dict) or event.get("executor") != self._executor_id:
-            return None  # another executor's record: left for it (visible again later)
-        kind, message = failure_from_record(body)
-        return protocol.failure_completion(event, kind, message)
+
+    def _route_failure(self, queue_url: str, raw: dict[str, Any],
+                       closed: bool) -> dict[str, Any] | None:
+        """A Lambda failure record from the deployment's shared failure queue: this
+        executor's own becomes a failure completion; another executor's is forwarded, as a
+        failure completion, to that executor's own completion queue and deleted here.
+
+        Left in the shared queue, another executor's record would sit invisible for the
+        queue's visibility timeout after every executor that saw it, delaying its owner's
+        crash and timeout reports by as much; forwarding delivers it in one hop."""
+        body = self._parse(raw)
+        event = body.get("requestPayload") if isinstance(body, dict) else None
+        if not isinstance(event, dict):
+            self._delete_batch(queue_url, [raw["ReceiptHandle"]])
+            return None
+        completion = protocol.failure_completion(event, *failure_from_record(body))
+        if event.get("executor") == self._executor_id:
+            if closed:  # a late record of a task that has ended
+                self._delete_batch(queue_url, [raw["ReceiptHandle"]])
+                return None
+            return completion
+        reply = event.get("reply")
+        if isinstance(reply, str) and self._is_sibling_queue(reply):
+            try:
+                self._sqs.send_message(QueueUrl=reply, MessageBody=json.dumps(completion))
+            except Exception as exc:  # noqa: BLE001 - a gone executor needs no report
+                if "NonExistentQueue" not in str(exc) and "QueueDoesNotExist" not in str(exc):
+                    log.debug("could not forward a failure record to %s: %s", reply, exc)
+                    return None  # it stays in the failure queue and is tried again later
+        self._delete_batch(queue_url, [raw["ReceiptHandle"]])
+        return None
+
+    def _is_sibling_queue(self, url: str) -> bool:
+        """True for another executor's completion queue of this deployment; a record naming
+        any other address is not forwarded anywhere."""
+        base, _, name = url.rpartition("/")
+        own_base, _, own_name = self.queue_url.rpartition("/")
+        return base == own_base and name.startswith(self._queue_prefix)
 
     def _delete_loop(self) -> None:
         while True:
