@@ -13,6 +13,7 @@ pickling a function by value (one in `__main__`, say) costs far more than a no-o
 from __future__ import annotations
 
 import dis
+import io
 import operator
 import os
 import site
@@ -101,12 +102,33 @@ def _ship_local_modules(fn: Any) -> None:
                 _decided[top] = False
 
 
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle's Pickler that ships by value the not-installed module of every function
+    and class it meets (a partial's function, an argument's class), not only the module of
+    the submitted function: the worker could not import it by name."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Called for nearly every object pickled: kept to two type checks and no super().
+        if type(obj) is types.FunctionType or isinstance(obj, type):
+            _ship_local_modules(obj)
+        return _cloudpickle_reducer_override(self, obj)
+
+
+_cloudpickle_reducer_override = cloudpickle.Pickler.reducer_override
+
+
+def _dumps(obj: Any) -> bytes:
+    with io.BytesIO() as file:
+        _Pickler(file).dump(obj)
+        return file.getvalue()
+
+
 def dumps_call(fn: Any, calls: list[tuple[tuple, dict]], batch: bool) -> bytes:
     """Pickle a payload: the function and its calls. Raises SerializationError."""
     _ship_local_modules(fn)
     try:
         fn_pickle, flags = _function_pickle(fn)
-        return protocol.pack_payload(fn_pickle, cloudpickle.dumps((calls, batch)), flags)
+        return protocol.pack_payload(fn_pickle, _dumps((calls, batch)), flags)
     except Exception as exc:
         raise SerializationError(f"cannot pickle {_describe(fn)} with its arguments: "
                                  f"{type(exc).__name__}: {exc}") from exc
@@ -133,7 +155,7 @@ _WRITES_CELL = {"STORE_DEREF", "DELETE_DEREF"}
 def _function_pickle(fn: Any) -> tuple[bytes, int]:
     """The pickle of `fn` and the payload flags: reused while nothing `fn` captures changed."""
     if not _reuse_possible or type(fn) is not types.FunctionType:
-        return cloudpickle.dumps(fn), 0
+        return _dumps(fn), 0
     entry = _pickles.get(fn)
     capture = None
     # Pickling also depends on which modules go by value ...
@@ -145,9 +167,9 @@ def _function_pickle(fn: Any) -> tuple[bytes, int]:
         if (capture is not None and entry[2] == len(sys.modules)
                 and len(entry[0]) == len(capture) and all(map(operator.is_, entry[0], capture))):
             if entry[3] is None:  # seen before: it captures something that may change
-                return cloudpickle.dumps(fn), 0
+                return _dumps(fn), 0
             return entry[3], protocol.FN_REUSABLE
-    data = cloudpickle.dumps(fn)
+    data = _dumps(fn)
     try:
         by_reference = _by_reference(fn)
     except Exception:  # noqa: BLE001 - cloudpickle could not tell: pickle afresh each time

@@ -7,10 +7,12 @@ the host's memory or filesystem: the same tests run against the "aws" backend.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import re
 import threading
+import uuid
 import weakref
 from concurrent.futures import (
     ALL_COMPLETED,
@@ -409,6 +411,47 @@ def test_closure_and_lambda(make_executor):
     assert ex.submit(lambda f: f(4), lambda v: v * 10).result(timeout=30) == 40
     make_adder = ex.submit(lambda n: (lambda v: v + n), 100).result(timeout=30)
     assert make_adder(1) == 101
+
+
+_USER_MODULE = """
+class Box:
+    def __init__(self, value):
+        self.value = value
+
+def scale_by(factor, x):
+    return factor * x
+
+def make_box(value):
+    return Box(value)
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module of the user's own project, importable on the host only (workers do not
+    share the host's filesystem); a fresh name, so no earlier test has shipped it."""
+    name = f"lf_user_module_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(_USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return __import__(name)
+
+
+def test_partial_of_a_user_module_function(make_executor, user_module):
+    ex = make_executor()
+    # The first thing this module sends is a partial: its function must travel by value.
+    assert ex.submit(functools.partial(user_module.scale_by, 3), 4).result(timeout=30) == 12
+
+
+def test_instance_of_a_user_module_class_as_argument(make_executor, user_module):
+    ex = make_executor()
+    box = ex.submit(tasks.identity, user_module.Box(5)).result(timeout=30)
+    assert type(box) is user_module.Box and box.value == 5
+
+
+def test_function_of_a_user_module(make_executor, user_module):
+    ex = make_executor()
+    box = ex.submit(user_module.make_box, 7).result(timeout=30)
+    assert type(box) is user_module.Box and box.value == 7
 
 
 def test_large_array_argument_and_result(make_executor):
