@@ -198,3 +198,23 @@ def kill_self(signal_name):
 
     os.kill(os.getpid(), getattr(signal, signal_name))
     time.sleep(10)  # the signal arrives first
+
+
+SETTING = "a"
+COUNT = 0
+
+
+def read_setting():
+    return SETTING
+
+
+def bump_count():
+    """Assigns a module global: every call starts from the host's value at submit."""
+    global COUNT
+    COUNT += 1
+    return COUNT
+
+
+def append_to(item, acc=[]):  # noqa: B006 - the mutable default is the point
+    acc.append(item)
+    return list(acc)

@@ -413,6 +413,46 @@ def test_closure_and_lambda(make_executor):
     assert make_adder(1) == 101
 
 
+def test_each_task_sees_what_its_function_captured_at_submit(make_executor, monkeypatch):
+    ex = make_executor(max_workers=1)  # one warm sandbox runs every task below
+    x = 1
+
+    def read_x():
+        return x
+
+    assert ex.submit(read_x).result(timeout=30) == 1
+    x = 2  # a rebound closure cell
+    assert ex.submit(read_x).result(timeout=30) == 2
+
+    data = [1]
+
+    def read_data():
+        return data[0]
+
+    assert ex.submit(read_data).result(timeout=30) == 1
+    data[0] = 2  # a captured object changed in place
+    assert ex.submit(read_data).result(timeout=30) == 2
+
+    assert ex.submit(tasks.read_setting).result(timeout=30) == "a"
+    monkeypatch.setattr(tasks, "SETTING", "b")  # a module global of a module sent by value
+    assert ex.submit(tasks.read_setting).result(timeout=30) == "b"
+
+    # A function that assigns a global starts from the host's value every time.
+    assert [ex.submit(tasks.bump_count).result(timeout=30) for _ in range(3)] == [1, 1, 1]
+    assert [ex.submit(tasks.append_to, i).result(timeout=30) for i in range(3)] == [
+        [0], [1], [2]]
+
+    def version():
+        return "v1"
+
+    assert ex.submit(version).result(timeout=30) == "v1"
+
+    def version():  # noqa: F811 - redefined on purpose
+        return "v2"
+
+    assert ex.submit(version).result(timeout=30) == "v2"
+
+
 _USER_MODULE = """
 class Box:
     def __init__(self, value):
