@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 
-
 # -- plain values ---------------------------------------------------------------------------
 
 def identity(x):

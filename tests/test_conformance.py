@@ -10,7 +10,6 @@ import asyncio
 import functools
 import gc
 import itertools
-import re
 import threading
 import uuid
 import weakref
@@ -26,9 +25,9 @@ from concurrent.futures import (
 
 import numpy as np
 import pytest
+import tasks
 
 import lambdafutures
-import tasks
 
 # A library thread dying with an exception during a test fails that test.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -62,13 +61,6 @@ def test_submit_non_callable_raises_type_error(make_executor):
     ex = make_executor()
     with pytest.raises(TypeError):
         ex.submit(42)
-
-
-def test_max_workers_must_be_positive():
-    with pytest.raises(ValueError):
-        lambdafutures.LambdaExecutor(max_workers=0, backend="local")
-    with pytest.raises(ValueError):
-        lambdafutures.LambdaExecutor(max_workers=-1, backend="local")
 
 
 @pytest.mark.parametrize("max_workers", [0, -3])
@@ -617,14 +609,6 @@ def test_stats_warm_start_and_failures(make_executor):
     assert stats is not None and stats.status == "error" and stats.attempt == 0
 
 
-def test_stats_of_a_map_chunk(make_executor):
-    ex = make_executor()
-    assert list(ex.map(tasks.square, range(4), chunksize=4)) == [0, 1, 4, 9]
-    future = ex.submit(tasks.identity, None)
-    future.result(timeout=30)
-    assert lambdafutures.stats_of(future).calls == 1
-
-
 def test_stats_of_a_pending_future_is_none(make_executor):
     ex = make_executor(max_workers=1)
     slow = ex.submit(tasks.sleep_then, 0.5)
@@ -639,7 +623,7 @@ def test_remote_traceback_prints_the_remote_frames(make_executor):
     ex = make_executor()
     exception = ex.submit(tasks.raise_value_error, "printed").exception(timeout=30)
     text = str(exception.__cause__)
-    assert re.search(r"raise_value_error", text)
+    assert "raise_value_error" in text
     assert "ValueError: printed" in text
 
 

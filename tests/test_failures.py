@@ -12,9 +12,9 @@ import time
 from concurrent.futures import wait
 
 import pytest
+import tasks
 
 import lambdafutures
-import tasks
 from lambdafutures import SerializationError, TaskTimeout, WorkerCrashed
 
 # A library thread dying with an exception during a test fails that test.
