@@ -25,7 +25,7 @@ from typing import Any
 import cloudpickle
 
 from . import protocol
-from .transport import open_store, send_reply
+from .transport import aws_client, open_store, send_reply
 
 WORKER_ID = uuid.uuid4().hex[:12]
 _invocations = 0
@@ -54,6 +54,12 @@ def handle(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         "request_id": getattr(context, "aws_request_id", None),
         "memory_limit_mb": _memory_limit_mb(context),
     }
+    # A fresh sandbox makes its AWS clients now, before the task's time limit starts:
+    # importing boto3 and building a client takes about a second, and a trivial task on a
+    # cold sandbox must not be reported as having run past a short timeout.
+    open_store(event["store"])
+    if event["reply"].startswith(("https://", "http://")):
+        aws_client("sqs")
     watchdog = _TimeoutWatchdog(event, context, stats)
     watchdog.start()
     try:

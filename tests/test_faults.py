@@ -462,6 +462,23 @@ def test_failure_records_reach_the_next_executor_at_once(fault_stack):
             assert time.monotonic() - start < 15
 
 
+def test_a_cold_sandbox_does_not_spend_the_task_timeout(aws_stack):
+    """Fresh sandboxes import boto3 and build their clients (about a second) before the
+    task's time limit starts: trivial tasks under a 0.5 s timeout all succeed."""
+    from lambdafutures.testing.lambda_endpoint import LambdaEndpoint
+
+    endpoint = LambdaEndpoint(aws_stack.moto_url, concurrency=2)
+    endpoint.start()
+    try:
+        with LambdaExecutor(max_workers=2, backend="aws", timeout=0.5,
+                            endpoint_urls={"lambda": endpoint.url}) as executor:
+            futures = [executor.submit(job, i, "ok") for i in range(4)]
+            assert [f.result(timeout=60) for f in futures] == [0, 1, 4, 9]
+            assert sum(stats_of(f).cold_start for f in futures) == 2
+    finally:
+        endpoint.stop()
+
+
 def test_failure_records_name_the_failure():
     """A Lambda failure record whose handler raised anything but ProtocolError (S3 or SQS
     failing under the worker) is a failed attempt, retryable, not a version mismatch."""

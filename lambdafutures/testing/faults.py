@@ -103,7 +103,7 @@ def operation_of(method: str, path: str, headers: Any) -> str:
 
 class FaultProxy:
     """Forward HTTP requests to `target_url`, injecting faults by `rules`; start() returns
-    the proxy's base URL. `rules` may be replaced at any time (`proxy.rules = [...]`)."""
+    the proxy. `reset(rules)` puts new rules in place at any time."""
 
     def __init__(self, target_url: str, rules: list[Rule] | None = None, *, seed: int = 0,
                  host: str = "127.0.0.1", port: int = 0, upstream_timeout: float = 70.0) -> None:
@@ -260,7 +260,9 @@ class FaultProxy:
                 if attempt == 2:
                     raise
                 continue
-            passed = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP]
+            passed = [(k, v) for k, v in response.getheaders()
+                      if k.lower() not in _HOP_BY_HOP
+                      or (request.command == "HEAD" and k.lower() == "content-length")]
             return response.status, passed, data
         raise AssertionError("unreachable")
 
@@ -333,7 +335,8 @@ def _reply(request: Any, status: int, body: bytes, headers: list[tuple[str, str]
     request.send_response(status)
     for name, value in headers:
         request.send_header(name, value)
-    request.send_header("Content-Length", str(len(body)))
+    if not (request.command == "HEAD" and any(k.lower() == "content-length" for k, _ in headers)):
+        request.send_header("Content-Length", str(len(body)))
     request.end_headers()
     if request.command != "HEAD":
         request.wfile.write(body)
