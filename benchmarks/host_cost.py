@@ -609,13 +609,14 @@ def main(argv=None):
         except subprocess.TimeoutExpired:
             stack_process.kill()
 
+    found = targets(args, results)  # also adds the ratios to results
     record = {"benchmark": "host_cost", "invoker": args.invoker, "cpus": os.cpu_count(),
               "s3_sqs_via": "moto directly" if args.direct_moto else "keep-alive front to moto",
               "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
               "wall_s": time.perf_counter() - started, **results}
-    record["targets"] = targets(args, results)
+    record["targets"] = found
     print(json.dumps(record))
-    table(args, results, record["targets"])
+    table(args, results, found)
     return 0
 
 
