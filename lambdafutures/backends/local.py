@@ -1,10 +1,10 @@
 """The local backend: the worker code in local processes, no AWS account or server needed.
 
-The object store is a temporary directory (removed at shutdown) and completions come back
-through the worker pool's sockets, which the executor's completion thread reads itself
-(`receive` polls the pool), so a completion reaches its future without a thread hop. When
-the pool sees a worker die or run out of time, it writes the failure completion that
-Lambda's failure destination would carry on AWS.
+The object store is a temporary directory (in memory when /dev/shm is roomy; removed at
+shutdown) and completions come back through the worker pool's sockets, which the executor's
+completion thread reads itself (`receive` polls the pool), so a completion reaches its
+future without a thread hop. When the pool sees a worker die or run out of time, it writes
+the failure completion that Lambda's failure destination would carry on AWS.
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ def open_local_backend(
     blas_threads: int | None = 1,
     inline_limit: int | None = None,
     worker_env: dict[str, str] | None = None,
+    store_dir: str | None = None,
 ) -> Backend:
-    root = tempfile.mkdtemp(prefix="lambdafutures-")
+    root = _store_root(store_dir)
     store = FileStore(root)
     completions = LocalCompletionQueue()
     # The worker reports a timeout itself at `timeout`; killing the process a little later
@@ -87,6 +88,31 @@ def open_local_backend(
         default_max_workers=default_max_workers(),
         closers=[lambda: shutil.rmtree(root, ignore_errors=True), pool.close],
     )
+
+
+# Free space that makes /dev/shm the default home of task objects.
+_SHM_MIN_FREE = 2 * 1024 ** 3
+
+
+def _store_root(store_dir: str | None) -> str:
+    """A new directory for payloads and results too large to travel inline: in `store_dir`
+    if given, else in /dev/shm when it is roomy and TMPDIR names no other place, else in
+    the temporary directory. An object lives only from its writer to its one reader, and on a
+    disk file system creating each file can cost a millisecond; in memory it costs little."""
+    if store_dir is None and "TMPDIR" not in os.environ and _roomy("/dev/shm"):
+        try:
+            return tempfile.mkdtemp(prefix="lambdafutures-", dir="/dev/shm")
+        except OSError:
+            pass  # not usable after all: the temporary directory below
+    return tempfile.mkdtemp(prefix="lambdafutures-", dir=store_dir)
+
+
+def _roomy(path: str) -> bool:
+    try:
+        space = os.statvfs(path)
+    except (OSError, AttributeError):  # no such directory, or no statvfs (Windows)
+        return False
+    return os.access(path, os.W_OK) and space.f_bavail * space.f_frsize >= _SHM_MIN_FREE
 
 
 def default_max_workers() -> int:
