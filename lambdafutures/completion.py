@@ -28,6 +28,14 @@ class Outcome:
         self.stored_keys = stored_keys
 
 
+def is_final(message: dict[str, Any]) -> bool:
+    """True when a completion ends its task whatever its result holds: no retry follows it
+    and no twin attempt is waited for (only a crash or a timeout may lead to those)."""
+    if message.get("status") == "ok":
+        return True
+    return (message.get("error") or {}).get("kind") not in _RETRYABLE
+
+
 def outcome(message: dict[str, Any], store: ObjectStore, key: bytes) -> Outcome:
     blob = message.get("result")
     stored = protocol.blob_key(blob) if blob else None

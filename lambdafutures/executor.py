@@ -300,8 +300,23 @@ class LambdaExecutor(Executor):
             log.debug("ignoring a duplicate or stale completion: task %s attempt %s",
                       message.get("task"), message.get("attempt"))
             return
-        result = completion.outcome(message, self._backend.store, self._key)
-        self._settle(task, message["attempt"], result, message)
+        if not completion.is_final(message):
+            result = completion.outcome(message, self._backend.store, self._key)
+            self._settle(task, message["attempt"], result, message)
+            return
+        # Whatever its result holds, this completion ends the task: pass its slot on first,
+        # so that the next task runs while this result is read, checked and unpickled
+        # (which takes a while when it is large).
+        self._end(task)
+        try:
+            result = completion.outcome(message, self._backend.store, self._key)
+        except BaseException as exc:  # the task has left the table: end its future here
+            result = completion.Outcome(exception=BrokenExecutor(
+                f"the completion thread failed: {type(exc).__name__}: {exc}"))
+            self._finish(task, message["attempt"], result, message)
+            raise
+        self._stale_keys.extend(result.stored_keys)
+        self._finish(task, message["attempt"], result, message)
 
     def _speculate(self) -> None:
         assert self._stragglers is not None
@@ -339,6 +354,12 @@ class LambdaExecutor(Executor):
                 task.attempt += 1
             self._start(task)
             return
+        self._finish(task, attempt, result, message)
+        self._end(task)
+
+    def _finish(self, task: Task, attempt: int, result: completion.Outcome,
+                message: dict[str, Any] | None) -> None:
+        """Record a task's stats and end its future with `result`."""
         if self._stragglers is not None:
             self._stragglers.finished_in(
                 None if result.exception is not None or task.invoked_at is None
@@ -355,7 +376,6 @@ class LambdaExecutor(Executor):
                 task.future.set_exception(result.exception)
         except InvalidStateError:
             pass  # the executor broke while this task ended; the future already has an end
-        self._end(task)
 
     def _end(self, task: Task) -> None:
         if task.blob is not None and protocol.blob_key(task.blob):
