@@ -13,6 +13,7 @@ the local supervisor) reports it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -231,7 +232,7 @@ class _TimeoutWatchdog:
         self._lock = threading.Lock()
         self._event = event
         self._stats = stats
-        self._timer: threading.Timer | None = None
+        self._delay: float | None = None
         limits = []
         if event.get("timeout"):
             limits.append((float(event["timeout"]), float(event["timeout"])))
@@ -243,20 +244,19 @@ class _TimeoutWatchdog:
                            seconds))
         if limits:
             self._delay, self._limit = min(limits)
-            self._timer = threading.Timer(self._delay, self._fire)
-            self._timer.daemon = True
 
     def start(self) -> None:
-        if self._timer is not None:
-            self._timer.start()
+        if self._delay is not None:
+            _watcher.arm(self, time.monotonic() + self._delay)
 
     def cancel(self) -> bool:
         """Stop watching; True if the watchdog fired first (it then ends the process)."""
         with self._lock:
             self._finished = True
-            if self._timer is not None:
-                self._timer.cancel()
-            return self._fired
+            fired = self._fired
+        if self._delay is not None:
+            _watcher.disarm(self)
+        return fired
 
     def _fire(self) -> None:
         with self._lock:
@@ -271,3 +271,51 @@ class _TimeoutWatchdog:
                 stats))
         finally:
             os._exit(124)
+
+
+class _Watcher:
+    """The one thread of a process that watches the running task's time limit: starting a
+    thread (a threading.Timer) for every task cost more than a short task itself."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._armed: tuple[float, _TimeoutWatchdog] | None = None
+        self._wakes_at = math.inf  # when the waiting thread looks again by itself
+        self._thread: threading.Thread | None = None
+
+    def arm(self, watchdog: _TimeoutWatchdog, deadline: float) -> None:
+        with self._cond:
+            self._armed = (deadline, watchdog)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="lambdafutures-watchdog")
+                self._thread.start()
+            elif deadline < self._wakes_at:
+                # Usually not: each task's deadline comes after the last one's, so the thread
+                # wakes at that one, finds this one, and sleeps on without being woken here.
+                self._cond.notify()
+
+    def disarm(self, watchdog: _TimeoutWatchdog) -> None:
+        with self._cond:
+            if self._armed is not None and self._armed[1] is watchdog:
+                self._armed = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    armed = self._armed
+                    now = time.monotonic()
+                    if armed is None:
+                        self._wakes_at = math.inf
+                        self._cond.wait()
+                    elif armed[0] > now:
+                        self._wakes_at = armed[0]
+                        self._cond.wait(armed[0] - now)
+                    else:
+                        self._armed = None
+                        break
+            armed[1]._fire()  # ends the process, unless the call ended just in time
+
+
+_watcher = _Watcher()
