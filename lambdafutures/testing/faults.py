@@ -47,9 +47,11 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlparse
+
+from .loopback import LoopbackServer
 
 log = logging.getLogger("lambdafutures")
 
@@ -101,6 +103,7 @@ def operation_of(method: str, path: str, headers: Any) -> str:
     return f"{method} {path}"
 
 
+
 class FaultProxy:
     """Forward HTTP requests to `target_url`, injecting faults by `rules`; start() returns
     the proxy. `reset(rules)` puts new rules in place at any time."""
@@ -121,8 +124,7 @@ class FaultProxy:
         self._fired: Counter[int] = Counter()
         self._held: dict[str, list[dict]] = defaultdict(list)  # late duplicates, by queue
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((host, port), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = LoopbackServer((host, port), self._handler_class())
         self._thread: threading.Thread | None = None
 
     @property

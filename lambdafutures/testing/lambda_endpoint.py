@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -30,12 +30,14 @@ import boto3
 from lambdafutures_handler import protocol
 
 from ..backends.pool import WorkerPool
+from .loopback import LoopbackServer
 
 log = logging.getLogger("lambdafutures")
 
 _INVOKE_PATH = re.compile(r"^/2015-03-31/functions/([^/]+)/invocations$")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 _CONFIG_TTL_S = 2.0
+
 
 
 class _Function:
@@ -68,8 +70,7 @@ class LambdaEndpoint:
         self._functions: dict[str, _Function] = {}
         self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}
-        self._server = ThreadingHTTPServer((host, port), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = LoopbackServer((host, port), self._handler_class())
         self._thread: threading.Thread | None = None
 
     @property
