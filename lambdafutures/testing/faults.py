@@ -125,22 +125,17 @@ class FaultProxy:
         self._held: dict[str, list[dict]] = defaultdict(list)  # late duplicates, by queue
         self._lock = threading.Lock()
         self._server = LoopbackServer((host, port), self._handler_class())
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._server.url
 
     def start(self) -> FaultProxy:
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="fault-proxy", daemon=True)
-        self._thread.start()
+        self._server.start("fault-proxy")
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
 
     def reset(self, rules: list[Rule] | None = None, seed: int | None = None) -> None:
         """New rules, counters back to zero, the random sequence started again."""

@@ -71,22 +71,17 @@ class LambdaEndpoint:
         self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}
         self._server = LoopbackServer((host, port), self._handler_class())
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._server.url
 
     def start(self) -> str:
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="lambda-endpoint", daemon=True)
-        self._thread.start()
+        self._server.start("lambda-endpoint")
         return self.url
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
         with self._lock:
             functions = list(self._functions.values())
             self._functions.clear()
