@@ -1,9 +1,13 @@
 """A local worker process: a stand-in for one warm Lambda sandbox.
 
-Started by the host as `python -m lambdafutures_handler.local_worker FD TIMEOUT`, it reads
-invoke events from the socket FD and runs each through `worker.handle`, one at a time, for
-as long as the host keeps the socket open. Frames on the socket are a 4-byte big-endian
-length and a JSON body.
+Started by the host as `python -m lambdafutures_handler.local_worker FD TIMEOUT [CLAIMS]`, it
+reads invoke events from the socket FD and runs each through `worker.handle`, one at a time,
+for as long as the host keeps the socket open. Worker -> host frames are a 4-byte big-endian
+length and a JSON body; host -> worker frames carry an 8-byte claim number after the length.
+
+A claim number other than 0 marks an event that the host queued while this worker was busy,
+and that its user may still cancel: before running it, the worker claims it in the CLAIMS
+file (see `ClaimRecord`), and skips it if the host withdrew it first.
 
 Worker -> host frames are {"completion": message or null, "idle": bool}. A completion sent
 by `handle` itself rides on the frame that also says the worker is idle again; a completion
@@ -12,8 +16,10 @@ sent from another thread (the timeout watchdog) goes out at once with idle false
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
+import mmap
 import os
 import socket
 import struct
@@ -26,12 +32,17 @@ from . import transport
 from .worker import handle
 
 _HEADER = struct.Struct("!I")
+_EVENT_HEADER = struct.Struct("!IQ")  # length, claim number
 # One recv takes whatever frames have arrived, up to this much (below malloc's mmap threshold).
 _READ_SIZE = 64 * 1024
 
 
 def send_frame(sock: socket.socket, body: bytes) -> None:
     sock.sendall(_HEADER.pack(len(body)) + body)
+
+
+def send_event(sock: socket.socket, body: bytes, claim: int = 0) -> None:
+    sock.sendall(_EVENT_HEADER.pack(len(body), claim) + body)
 
 
 def recv_frame(sock: socket.socket) -> bytes | None:
@@ -58,27 +69,87 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
     return bytes(buffer)
 
 
-class _FrameReader:
-    """Frames from a socket, taking with one recv as many as have arrived."""
+class _EventReader:
+    """Event frames from a socket, taking with one recv as many as have arrived."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._buffer = bytearray()
 
-    def next(self) -> bytes | None:
-        """The next frame's body, or None once the peer has closed the socket."""
+    def next(self) -> tuple[bytes, int] | None:
+        """The next frame's (body, claim number), or None once the host closed the socket."""
         buffer = self._buffer
+        size = _EVENT_HEADER.size
         while True:
-            if len(buffer) >= _HEADER.size:
-                end = _HEADER.size + _HEADER.unpack_from(buffer)[0]
-                if len(buffer) >= end:
-                    body = bytes(buffer[_HEADER.size:end])
-                    del buffer[:end]
-                    return body
+            if len(buffer) >= size:
+                length, claim = _EVENT_HEADER.unpack_from(buffer)
+                if len(buffer) >= size + length:
+                    body = bytes(buffer[size:size + length])
+                    del buffer[:size + length]
+                    return body, claim
             chunk = self._sock.recv(_READ_SIZE)
             if not chunk:
                 return None
             buffer += chunk
+
+
+class ClaimRecord:
+    """Decides, for an event queued at a busy worker, who has it: the worker, which starts
+    it, or the host, which withdraws it because its future was cancelled. Exactly one wins.
+
+    A small file shared by the two processes holds the last claim number the worker (or the
+    host on its behalf) started and the last one the host withdrew; an exclusive flock
+    makes each check-and-set atomic between the processes, and a lock between the threads
+    of one (flock does not exclude threads sharing the file). A worker holds at most one
+    queued event at a time, so one withdrawn number is enough."""
+
+    _LAYOUT = struct.Struct("!qq")  # started, withdrawn
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        self._fd = os.open(path, flags, 0o600)
+        if create:
+            os.ftruncate(self._fd, self._LAYOUT.size)
+        self._map = mmap.mmap(self._fd, self._LAYOUT.size)
+        self._lock = threading.Lock()
+
+    def start(self, claim: int) -> bool:
+        """Take event `claim` for running; False if the host withdrew it first."""
+        with self._lock:
+            return self._start(claim)
+
+    def _start(self, claim: int) -> bool:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            started, withdrawn = self._LAYOUT.unpack_from(self._map)
+            if withdrawn == claim:
+                return False
+            if started < claim:
+                self._LAYOUT.pack_into(self._map, 0, claim, withdrawn)
+            return True
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def withdraw(self, claim: int) -> bool:
+        """Withdraw event `claim`; False if it has been started already."""
+        with self._lock:
+            return self._withdraw(claim)
+
+    def _withdraw(self, claim: int) -> bool:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            started, _ = self._LAYOUT.unpack_from(self._map)
+            if started >= claim:
+                return False
+            self._LAYOUT.pack_into(self._map, 0, started, claim)
+            return True
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._lock:
+            self._map.close()
+            os.close(self._fd)
 
 
 # The environment is the sandbox's configuration: it is fixed when the process starts.
@@ -106,7 +177,10 @@ class LocalContext:
         return int((self._deadline - time.monotonic()) * 1000)
 
 
-def serve(sock: socket.socket, timeout: float | None) -> None:
+_SKIPPED = json.dumps({"completion": None, "idle": True, "skipped": True}).encode()
+
+
+def serve(sock: socket.socket, timeout: float | None, claims: ClaimRecord | None = None) -> None:
     send_lock = threading.Lock()
     loop_thread = threading.current_thread()
     outbox: list[dict] = []
@@ -119,11 +193,16 @@ def serve(sock: socket.socket, timeout: float | None) -> None:
             send_frame(sock, json.dumps({"completion": message, "idle": False}).encode())
 
     transport.set_local_reply(reply)
-    frames = _FrameReader(sock)
+    frames = _EventReader(sock)
     while True:
-        body = frames.next()
-        if body is None:
+        received = frames.next()
+        if received is None:
             return
+        body, claim = received
+        if claim and claims is not None and not claims.start(claim):
+            with send_lock:  # withdrawn by the host: its future was cancelled
+                send_frame(sock, _SKIPPED)
+            continue
         frame: dict = {"idle": True}
         try:
             handle(json.loads(body), LocalContext(timeout))
@@ -137,9 +216,10 @@ def serve(sock: socket.socket, timeout: float | None) -> None:
 def main(argv: list[str]) -> None:
     fd = int(argv[1])
     timeout = float(argv[2]) if len(argv) > 2 and argv[2] != "none" else None
+    claims = ClaimRecord(argv[3]) if len(argv) > 3 else None
     sock = socket.socket(fileno=fd)
     try:
-        serve(sock, timeout)
+        serve(sock, timeout, claims)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the host went away; a sandbox without a host has nothing left to do
 

@@ -92,7 +92,8 @@ class LambdaExecutor(Executor):
         self._backend = _open_backend(name, max_workers, timeout, self._id, deployment,
                                       backend_options)
         self._max_workers = max_workers or self._backend.default_max_workers
-        self._table = TaskTable(self._max_workers)
+        # max_workers tasks run at once; `prefetch` more may wait at busy workers, cancellable.
+        self._table = TaskTable(self._max_workers + self._backend.prefetch)
         self._ids = itertools.count()
         self._shutdown = False
         self._broken: str | None = None
@@ -225,9 +226,18 @@ class LambdaExecutor(Executor):
             del task  # while idle, hold no task: its future (and result) may be dropped
 
     def _launch(self, task: Task) -> None:
+        # A first attempt on a backend that holds tasks at busy workers stays pending (and
+        # cancellable) until a worker takes it: the invoker marks it running then.
+        queued = task.attempt == 0 and self._backend.prefetch > 0
         if task.attempt == 0:
             try:
-                if not task.future.set_running_or_notify_cancel():
+                if queued and task.future.cancelled():
+                    task.future.set_running_or_notify_cancel()  # so wait() counts it done
+                    self._end(task)
+                    return
+                if queued and task.future.done():
+                    return  # it has ended already: the executor broke while it waited
+                if not queued and not task.future.set_running_or_notify_cancel():
                     self._end(task)
                     return
             except RuntimeError:
@@ -238,9 +248,14 @@ class LambdaExecutor(Executor):
             task.invoked_at = time.time()
             limit = self._timeout or self._backend.sandbox_timeout
             if limit is not None:
-                self._table.set_deadline(
-                    task, attempt, time.monotonic() + limit + self._backend.deadline_margin)
-            self._backend.invoker.invoke(event)
+                # A task held at a busy worker may first wait for that worker's current one.
+                wait = limit if queued else 0.0
+                self._table.set_deadline(task, attempt, time.monotonic() + wait + limit
+                                         + self._backend.deadline_margin)
+            if queued:
+                self._backend.invoker.invoke(event, task.future, lambda: self._end(task))
+            else:
+                self._backend.invoker.invoke(event)
         except Exception as exc:  # noqa: BLE001 - every failure ends this future, typed
             failure = errors.InvocationFailed(f"task {task.id} could not be invoked: "
                                               f"{type(exc).__name__}: {exc}")
@@ -418,9 +433,7 @@ class LambdaExecutor(Executor):
         with self._state_lock:
             self._shutdown = True
         if cancel_futures:
-            for task in self._table.cancel_pending():
-                if task.future.cancel():
-                    task.future.set_running_or_notify_cancel()  # so wait() counts it done
+            self._cancel_waiting()
         if wait and self._completer is not threading.current_thread():
             self._completer.join()
 
@@ -435,11 +448,21 @@ class LambdaExecutor(Executor):
         """Stop at once: cancel what waits, end what runs with BrokenExecutor, stop workers."""
         with self._state_lock:
             self._shutdown = True
+        self._cancel_waiting()
+        self._break(reason)
+        self._completer.join()
+
+    def _cancel_waiting(self) -> None:
+        """Cancel every task that has not started: those pending here and, on a backend that
+        holds tasks at busy workers, those still waiting there."""
         for task in self._table.cancel_pending():
             if task.future.cancel():
                 task.future.set_running_or_notify_cancel()  # so wait() counts it done
-        self._break(reason)
-        self._completer.join()
+        if self._backend.prefetch:
+            with self._table.lock:
+                launched = list(self._table.tasks.values())
+            for task in launched:
+                task.future.cancel()  # withdraws it if it still waits at a busy worker
 
 
 def _result_or_cancel(future: Future, end_time: float | None) -> Any:

@@ -54,6 +54,9 @@ class Backend:
     sandbox_timeout: float | None
     default_max_workers: int
     closers: list
+    # Tasks beyond max_workers that the invoker may hold at busy sandboxes, still cancellable:
+    # its invoke(event, future, on_dropped) then marks the future running (backends/pool.py).
+    prefetch: int = 0
 
     def close(self) -> None:
         for close in reversed(self.closers):

@@ -71,7 +71,7 @@ def open_local_backend(
     sandbox_timeout = None if timeout is None else timeout + _KILL_GRACE_S
     pool = WorkerPool(max_workers, timeout=sandbox_timeout, on_frame=completions.put,
                       on_failure=completions.report_failure, blas_threads=blas_threads,
-                      env=worker_env, thread=False)
+                      env=worker_env, thread=False, depth=2, claims_dir=root)
     completions.pool = pool
     return Backend(
         name="local",
@@ -87,6 +87,9 @@ def open_local_backend(
         sandbox_timeout=sandbox_timeout,
         default_max_workers=default_max_workers(),
         closers=[lambda: shutil.rmtree(root, ignore_errors=True), pool.close],
+        # Each busy worker holds the next event too, so it goes on without waiting for the
+        # host; that task stays cancellable until the worker takes it.
+        prefetch=max_workers,
     )
 
 

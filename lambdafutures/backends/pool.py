@@ -9,6 +9,12 @@ sandbox that dies. What happened to an event that did not finish is reported thr
 `on_failure(event, kind, message)`; everything the worker says comes back through
 `on_frame(frame)`.
 
+With `depth=2` a busy worker also holds the next event in its socket, so that it goes on
+without waiting for the host (the local backend; Lambda's own sandboxes take one event at a
+time). Such an event's task has not started, and its future, although it already says
+running (as ProcessPoolExecutor's queued calls do), can still be cancelled until the worker
+takes it: see `_hold` and `ClaimRecord`.
+
 One thread owns the sockets' read side: the pool's own manager thread or, with
 `thread=False`, whichever single thread calls `poll()` (the local backend's completion
 thread, so that a completion reaches its future without a thread hop). `invoke` writes
@@ -17,6 +23,7 @@ events directly to an idle worker, so that path costs no thread hop either.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,10 +36,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, _base
 from typing import Any
 
 from lambdafutures_handler import protocol
-from lambdafutures_handler.local_worker import send_frame
+from lambdafutures_handler.local_worker import ClaimRecord, send_event
 
 log = logging.getLogger("lambdafutures")
 
@@ -49,14 +57,46 @@ _READ_SIZE = 64 * 1024
 _FRAME_HEADER = 4
 
 
+class _Item:
+    """An event on its way to a worker, with the future it may start (see `invoke`)."""
+
+    __slots__ = ("event", "data", "future", "on_dropped", "claim", "withdrawn")
+
+    def __init__(self, event: dict, data: bytes, future: Future | None,
+                 on_dropped: Callable[[], None] | None) -> None:
+        self.event = event
+        self.data = data
+        self.future = future
+        self.on_dropped = on_dropped
+        self.claim = 0  # its claim number while it waits at a busy worker
+        self.withdrawn = False  # found withdrawn when its turn came; a "skipped" frame follows
+
+
 class _Worker:
-    def __init__(self, number: int, process: subprocess.Popen, sock: socket.socket) -> None:
+    def __init__(self, number: int, process: subprocess.Popen, sock: socket.socket,
+                 claims: ClaimRecord | None, claims_path: str | None) -> None:
         self.number = number
         self.process = process
         self.sock = sock
-        self.event: dict[str, Any] | None = None
+        self.items: deque[_Item] = deque()  # the first one runs, the others wait
         self.deadline: float | None = None
         self.inbox = bytearray()  # bytes read but not yet a whole frame
+        self.claims = claims
+        self.claims_path = claims_path
+        self.claimed = 0  # the last claim number given out
+
+    @property
+    def event(self) -> dict[str, Any] | None:
+        return self.items[0].event if self.items else None
+
+    def withdraw(self, claim: int) -> bool:
+        """Withdraw waiting event `claim` (see ClaimRecord); False if it was taken, or if the
+        worker is gone (its waiting events went elsewhere, no longer withdrawable here)."""
+        claims = self.claims
+        try:
+            return claims is not None and claims.withdraw(claim)
+        except (ValueError, OSError):
+            return False  # closed meanwhile: the worker is gone
 
 
 class WorkerPool:
@@ -71,16 +111,23 @@ class WorkerPool:
         env: dict[str, str | None] | None = None,
         name: str = "local",
         thread: bool = True,
+        depth: int = 1,
+        claims_dir: str | None = None,
     ) -> None:
+        if depth not in (1, 2) or (depth == 2 and claims_dir is None):
+            raise ValueError("depth is 1, or 2 with a claims_dir")
         self.size = size
         self.timeout = timeout
+        self.depth = depth
+        self._claims_dir = claims_dir
         self._on_frame = on_frame
         self._on_failure = on_failure
         self._env = self._worker_env(blas_threads, env)
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
-        self._idle: list[_Worker] = []
-        self._backlog: deque[tuple[dict, bytes]] = deque()
+        self._idle: list[_Worker] = []  # holding no event
+        self._roomy: deque[_Worker] = deque()  # running an event, with room for one more
+        self._backlog: deque[_Item] = deque()
         self._spawned = 0
         self._closed = False
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -114,39 +161,89 @@ class WorkerPool:
 
     # -- invoking (any thread) ------------------------------------------------------------
 
-    def invoke(self, event: dict[str, Any]) -> None:
-        data = json.dumps(event).encode()
+    def invoke(self, event: dict[str, Any], future: Future | None = None,
+               on_dropped: Callable[[], None] | None = None) -> None:
+        """Hand `event` to a worker. With `future` (its task's future, still pending), the
+        pool marks the future running when the event reaches a worker, and keeps it
+        cancellable while the event waits at a busy one (depth 2); if the future is
+        cancelled before the event reaches a worker, or while it waits, the event is
+        dropped and `on_dropped()` called."""
+        item = _Item(event, json.dumps(event).encode(), future, on_dropped)
         with self._lock:
             if self._closed:
                 raise RuntimeError("worker pool is closed")
-            worker = self._idle.pop() if self._idle else None
-            if worker is None and len(self._workers) < self.size:
-                worker = self._spawn()
-            if worker is None:
-                self._backlog.append((event, data))
-                return
-            self._assign(worker, event, data)
+            self._backlog.append(item)
+            if self._idle:
+                dropped = self._fill(self._idle.pop())
+            elif len(self._workers) < self.size:
+                dropped = self._fill(self._spawn())
+            elif self._roomy:
+                dropped = self._fill(self._roomy.popleft())
+            else:
+                dropped = []
+        self._call(dropped)
 
-    def _assign(self, worker: _Worker, event: dict, data: bytes) -> None:
-        worker.event = event
-        worker.deadline = None if self.timeout is None else time.monotonic() + self.timeout
+    def _fill(self, worker: _Worker) -> list[Callable[[], None]]:
+        """Give `worker` backlog events while it has room, else park it. Holds the lock;
+        returns the `on_dropped` of events whose futures had been cancelled."""
+        dropped: list[Callable[[], None]] = []
+        while not self._closed:
+            # Behind a withdrawn event that the worker has yet to skip, nothing waits: the
+            # claim record has room for one withdrawn claim number per worker.
+            if len(worker.items) >= self.depth or (worker.items and worker.items[0].withdrawn):
+                return dropped
+            if not self._backlog:
+                break
+            item = self._backlog.popleft()
+            if not self._send(worker, item):
+                if item.on_dropped is not None:
+                    dropped.append(item.on_dropped)
+        if self._closed:
+            return dropped
+        if not worker.items:
+            self._idle.append(worker)
+        elif len(worker.items) < self.depth:
+            self._roomy.append(worker)
+        return dropped
+
+    def _send(self, worker: _Worker, item: _Item) -> bool:
+        """Send one event to `worker`; False when its future was cancelled. Holds the lock."""
+        future = item.future
+        if not worker.items:
+            if future is not None and not _run_or_notify(future):
+                return False
+            worker.deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        elif future is not None:
+            worker.claimed += 1
+            item.claim = claim = worker.claimed
+            if not _hold(future, lambda: worker.withdraw(claim), item.on_dropped or _nothing):
+                _run_or_notify(future)  # cancelled first: count it done for wait()
+                return False
+        worker.items.append(item)
         try:
-            send_frame(worker.sock, data)
+            send_event(worker.sock, item.data, item.claim)
         except OSError:
-            pass  # the worker died; the manager sees its socket close and reports the event
+            pass  # the worker died; the reader sees its socket close and reports the event
+        return True
 
     def _spawn(self) -> _Worker:
         host_end, worker_end = socket.socketpair()
         timeout = "none" if self.timeout is None else repr(self.timeout)
+        self._spawned += 1
+        claims = claims_path = None
+        if self.depth > 1:
+            assert self._claims_dir is not None
+            claims_path = os.path.join(self._claims_dir,
+                                       f".claims-{os.getpid()}-{id(self)}-{self._spawned}")
+            claims = ClaimRecord(claims_path, create=True)
         process = subprocess.Popen(
             [sys.executable, *_NO_CWD_ON_PATH, "-m", "lambdafutures_handler.local_worker",
-             str(worker_end.fileno()), timeout],
+             str(worker_end.fileno()), timeout, *([claims_path] if claims_path else [])],
             pass_fds=(worker_end.fileno(),), env=self._env, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the host, which then stops its workers
         )
         worker_end.close()
-        self._spawned += 1
-        worker = _Worker(self._spawned, process, host_end)
+        worker = _Worker(self._spawned, process, host_end, claims, claims_path)
         self._workers.append(worker)
         self._changed = True
         self._wake()
@@ -228,23 +325,36 @@ class WorkerPool:
         if frame.get("completion") is not None:
             self._on_frame(frame["completion"])
         if frame.get("idle"):
-            event = worker.event
             with self._lock:
-                worker.event = worker.deadline = None
-                self._next(worker)
+                done = worker.items.popleft() if worker.items else None
+                worker.deadline = None
+                if worker in self._roomy:
+                    self._roomy.remove(worker)
+                if worker.items:
+                    self._started(worker, worker.items[0])
+                dropped = self._fill(worker)
+            self._call(dropped)
             error = frame.get("handler_error")
-            if error is not None and event is not None:
-                self._on_failure(event, protocol.PROTOCOL, f"{error['type']}: {error['message']}")
+            if error is not None and done is not None:
+                self._on_failure(done.event, protocol.PROTOCOL,
+                                 f"{error['type']}: {error['message']}")
 
-    def _next(self, worker: _Worker) -> None:
-        """Give an idle worker the oldest queued event, or park it. Holds the lock."""
-        if self._closed:
-            return
-        if self._backlog:
-            event, data = self._backlog.popleft()
-            self._assign(worker, event, data)
-        else:
-            self._idle.append(worker)
+    def _started(self, worker: _Worker, item: _Item) -> None:
+        """The event that waited at `worker` is next: the worker takes it now, unless it
+        was withdrawn (its worker then skips it). Holds the lock."""
+        if item.claim:
+            assert worker.claims is not None
+            if not worker.claims.start(item.claim):
+                item.withdrawn = True  # a "skipped" frame follows
+                return
+            if item.future is not None:
+                _taken(item.future)
+        worker.deadline = None if self.timeout is None else time.monotonic() + self.timeout
+
+    @staticmethod
+    def _call(callbacks: list[Callable[[], None]]) -> None:
+        for callback in callbacks:
+            callback()
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
@@ -257,21 +367,39 @@ class WorkerPool:
                        f"process was killed and replaced")
 
     def _lost(self, worker: _Worker, kind: str, message: str) -> None:
-        """A worker is gone: report its event, and start a replacement for queued work."""
+        """A worker is gone: report its event, pass the events that waited behind it on to
+        other workers (they never started), and start a replacement for queued work."""
         try:
             self._selector.unregister(worker.sock)
         except (KeyError, ValueError):
             pass  # started since the selector last looked, or already unregistered
+        dropped: list[Callable[[], None]] = []
         with self._lock:
             if worker in self._workers:
                 self._workers.remove(worker)
             if worker in self._idle:
                 self._idle.remove(worker)
+            if worker in self._roomy:
+                self._roomy.remove(worker)
             event = worker.event
-            worker.event = worker.deadline = None
+            waiting = list(worker.items)[1:]
+            worker.items.clear()
+            worker.deadline = None
+            for item in reversed(waiting):
+                if item.claim:
+                    assert worker.claims is not None
+                    if not worker.claims.start(item.claim):
+                        continue  # withdrawn: its future is cancelled, its slot freed
+                    if item.future is not None:
+                        _taken(item.future)
+                    item.claim = 0
+                item.future = None  # it says running already; it just waits again
+                self._backlog.appendleft(item)
             if self._backlog and not self._closed:
-                self._next(self._spawn())
+                dropped = self._fill(self._spawn())
+            self._forget_claims(worker)
         worker.sock.close()
+        self._call(dropped)
         if event is not None:
             log.debug("task %s attempt %s: %s", event.get("task"), event.get("attempt"),
                       message)
@@ -292,6 +420,16 @@ class WorkerPool:
         return f"worker process {worker.process.pid} exited with code {code}"
 
     @staticmethod
+    def _forget_claims(worker: _Worker) -> None:
+        if worker.claims is not None:
+            worker.claims.close()
+            worker.claims = None
+            try:
+                os.remove(worker.claims_path)
+            except OSError:
+                pass
+
+    @staticmethod
     def _kill(worker: _Worker) -> None:
         try:
             worker.process.kill()
@@ -310,6 +448,7 @@ class WorkerPool:
             workers = list(self._workers)
             self._workers.clear()
             self._idle.clear()
+            self._roomy.clear()
             self._backlog.clear()
         self._wake()
         if self._thread is not None:
@@ -322,6 +461,62 @@ class WorkerPool:
                 worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self._kill(worker)
+            self._forget_claims(worker)
         self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _hold(future: Future, withdraw: Callable[[], bool], on_withdrawn: Callable[[], None]) -> bool:
+    """Mark `future` running while its event waits at a busy worker, with a cancel() of its
+    own that withdraws the event (see `_cancel_held`); False if it is no longer pending (it
+    was cancelled), and then the event must not be sent.
+
+    The future stays a plain concurrent.futures.Future: its own cancel() is shadowed on the
+    instance. One that looked up the plain cancel() before this sees it running and fails,
+    which is never wrong (the event is not sent without the worker's claim record)."""
+    with future._condition:
+        if future._state != _base.PENDING:
+            return False
+        future._state = _base.RUNNING
+        future.cancel = functools.partial(_cancel_held, future, withdraw, on_withdrawn)
+        return True
+
+
+def _taken(future: Future) -> None:
+    """The worker took the event: from now on `future` runs like any other."""
+    with future._condition:
+        future.__dict__.pop("cancel", None)
+
+
+def _cancel_held(future: Future, withdraw: Callable[[], bool],
+                 on_withdrawn: Callable[[], None]) -> bool:
+    with future._condition:
+        if "cancel" not in future.__dict__ or future._state != _base.RUNNING:
+            future.__dict__.pop("cancel", None)
+            return Future.cancel(future)  # taken meanwhile, or ended: the plain answer
+        if not withdraw():
+            return False  # the worker has started it
+        del future.__dict__["cancel"]
+        future._state = _base.CANCELLED
+        future._condition.notify_all()
+    future._invoke_callbacks()
+    # Its event will never run: count it done for wait() now, and free its slot.
+    future.set_running_or_notify_cancel()
+    on_withdrawn()
+    return True
+
+
+def _run_or_notify(future: Future) -> bool:
+    """future.set_running_or_notify_cancel(); False also for a future that has ended already
+    (the executor broke meanwhile) or whose cancel was notified already."""
+    if future._state in (_base.FINISHED, _base.CANCELLED_AND_NOTIFIED):
+        return False
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:
+        return False  # it ended just now
