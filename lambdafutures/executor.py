@@ -38,6 +38,9 @@ LAMBDA_MAX_TIMEOUT_S = 900
 _RECEIVE_BATCH = 10
 _LOOP_WAIT_S = 0.05
 
+# Stands in for an inline payload that was sent and dropped.
+_SENT: dict[str, str] = {}
+
 _live: weakref.WeakSet[LambdaExecutor] = weakref.WeakSet()
 
 
@@ -256,6 +259,11 @@ class LambdaExecutor(Executor):
                 self._backend.invoker.invoke(event, task.future, lambda: self._end(task))
             else:
                 self._backend.invoker.invoke(event)
+            if (task.retries_left == 0 and self._stragglers is None and task.blob is not None
+                    and protocol.blob_key(task.blob) is None):
+                # Nothing will invoke this task again, so its inline payload need not stay
+                # in memory (a third of a task's footprint with 100,000 in flight).
+                task.blob, task.sig = _SENT, ""
         except Exception as exc:  # noqa: BLE001 - every failure ends this future, typed
             failure = errors.InvocationFailed(f"task {task.id} could not be invoked: "
                                               f"{type(exc).__name__}: {exc}")
