@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import os
+import pickle
 import selectors
 import signal
 import socket
@@ -168,7 +169,8 @@ class WorkerPool:
         cancellable while the event waits at a busy one (depth 2); if the future is
         cancelled before the event reaches a worker, or while it waits, the event is
         dropped and `on_dropped()` called."""
-        item = _Item(event, json.dumps(event).encode(), future, on_dropped)
+        # Pickled for the worker (local_worker.py says why); what it sends back is JSON.
+        item = _Item(event, pickle.dumps(event, pickle.HIGHEST_PROTOCOL), future, on_dropped)
         with self._lock:
             if self._closed:
                 raise RuntimeError("worker pool is closed")
