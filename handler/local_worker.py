@@ -100,13 +100,14 @@ class ClaimRecord:
     """Decides, for an event queued at a busy worker, who has it: the worker, which starts
     it, or the host, which withdraws it because its future was cancelled. Exactly one wins.
 
-    A small file shared by the two processes holds the last claim number the worker (or the
-    host on its behalf) started and the last one the host withdrew; an exclusive flock
-    makes each check-and-set atomic between the processes, and a lock between the threads
-    of one (flock does not exclude threads sharing the file). A worker holds at most one
-    queued event at a time, so one withdrawn number is enough."""
+    A small file shared by the two processes holds the last claim number the worker started
+    and the numbers the host withdrew; an exclusive flock makes each check-and-set atomic
+    between the processes, and a lock between the threads of one (flock does not exclude
+    threads sharing the file). A worker's socket holds at most two events it has yet to
+    claim, with consecutive numbers (the one it takes next and the one behind it), so one
+    withdrawn number per parity is enough."""
 
-    _LAYOUT = struct.Struct("!qq")  # started, withdrawn
+    _LAYOUT = struct.Struct("!qqq")  # started, withdrawn (even), withdrawn (odd)
 
     def __init__(self, path: str, create: bool = False) -> None:
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
@@ -119,35 +120,31 @@ class ClaimRecord:
     def start(self, claim: int) -> bool:
         """Take event `claim` for running; False if the host withdrew it first."""
         with self._lock:
-            return self._start(claim)
-
-    def _start(self, claim: int) -> bool:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            started, withdrawn = self._LAYOUT.unpack_from(self._map)
-            if withdrawn == claim:
-                return False
-            if started < claim:
-                self._LAYOUT.pack_into(self._map, 0, claim, withdrawn)
-            return True
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                record = list(self._LAYOUT.unpack_from(self._map))
+                if record[1 + claim % 2] == claim:
+                    return False
+                if record[0] < claim:
+                    record[0] = claim
+                    self._LAYOUT.pack_into(self._map, 0, *record)
+                return True
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def withdraw(self, claim: int) -> bool:
         """Withdraw event `claim`; False if it has been started already."""
         with self._lock:
-            return self._withdraw(claim)
-
-    def _withdraw(self, claim: int) -> bool:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            started, _ = self._LAYOUT.unpack_from(self._map)
-            if started >= claim:
-                return False
-            self._LAYOUT.pack_into(self._map, 0, started, claim)
-            return True
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                record = list(self._LAYOUT.unpack_from(self._map))
+                if record[0] >= claim:
+                    return False
+                record[1 + claim % 2] = claim
+                self._LAYOUT.pack_into(self._map, 0, *record)
+                return True
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         with self._lock:

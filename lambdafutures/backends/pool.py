@@ -61,7 +61,7 @@ _FRAME_HEADER = 4
 class _Item:
     """An event on its way to a worker, with the future it may start (see `invoke`)."""
 
-    __slots__ = ("event", "data", "future", "on_dropped", "claim", "withdrawn")
+    __slots__ = ("event", "data", "future", "on_dropped", "claim")
 
     def __init__(self, event: dict, data: bytes, future: Future | None,
                  on_dropped: Callable[[], None] | None) -> None:
@@ -70,7 +70,6 @@ class _Item:
         self.future = future
         self.on_dropped = on_dropped
         self.claim = 0  # its claim number while it waits at a busy worker
-        self.withdrawn = False  # found withdrawn when its turn came; a "skipped" frame follows
 
 
 class _Worker:
@@ -190,9 +189,7 @@ class WorkerPool:
         returns the `on_dropped` of events whose futures had been cancelled."""
         dropped: list[Callable[[], None]] = []
         while not self._closed:
-            # Behind a withdrawn event that the worker has yet to skip, nothing waits: the
-            # claim record has room for one withdrawn claim number per worker.
-            if len(worker.items) >= self.depth or (worker.items and worker.items[0].withdrawn):
+            if len(worker.items) >= self.depth:
                 return dropped
             if not self._backlog:
                 break
@@ -329,29 +326,21 @@ class WorkerPool:
         if frame.get("idle"):
             with self._lock:
                 done = worker.items.popleft() if worker.items else None
+                if done is not None and done.future is not None:
+                    _taken(done.future)
+                # The next event, if one waited, runs now (or is skipped, if withdrawn): the
+                # worker claims it without waiting for the host.
                 worker.deadline = None
+                if worker.items and self.timeout is not None:
+                    worker.deadline = time.monotonic() + self.timeout
                 if worker in self._roomy:
                     self._roomy.remove(worker)
-                if worker.items:
-                    self._started(worker, worker.items[0])
                 dropped = self._fill(worker)
             self._call(dropped)
             error = frame.get("handler_error")
             if error is not None and done is not None:
                 self._on_failure(done.event, protocol.PROTOCOL,
                                  f"{error['type']}: {error['message']}")
-
-    def _started(self, worker: _Worker, item: _Item) -> None:
-        """The event that waited at `worker` is next: the worker takes it now, unless it
-        was withdrawn (its worker then skips it). Holds the lock."""
-        if item.claim:
-            assert worker.claims is not None
-            if not worker.claims.start(item.claim):
-                item.withdrawn = True  # a "skipped" frame follows
-                return
-            if item.future is not None:
-                _taken(item.future)
-        worker.deadline = None if self.timeout is None else time.monotonic() + self.timeout
 
     @staticmethod
     def _call(callbacks: list[Callable[[], None]]) -> None:
@@ -384,6 +373,8 @@ class WorkerPool:
             if worker in self._roomy:
                 self._roomy.remove(worker)
             event = worker.event
+            if worker.items and worker.items[0].future is not None:
+                _taken(worker.items[0].future)
             waiting = list(worker.items)[1:]
             worker.items.clear()
             worker.deadline = None
@@ -448,6 +439,10 @@ class WorkerPool:
                 return
             self._closed = True
             workers = list(self._workers)
+            for worker in workers:
+                for item in worker.items:
+                    if item.future is not None:
+                        _taken(item.future)
             self._workers.clear()
             self._idle.clear()
             self._roomy.clear()
@@ -490,7 +485,8 @@ def _hold(future: Future, withdraw: Callable[[], bool], on_withdrawn: Callable[[
 
 
 def _taken(future: Future) -> None:
-    """The worker took the event: from now on `future` runs like any other."""
+    """The event is done with (or no longer withdrawable): `future` goes on like any other,
+    and no longer refers to itself through its shadowing cancel()."""
     with future._condition:
         future.__dict__.pop("cancel", None)
 
