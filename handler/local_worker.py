@@ -146,6 +146,23 @@ class ClaimRecord:
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def settle(self, claim: int) -> str:
+        """For an event of a worker that is gone: "withdrawn", "started" (the worker took
+        it), or "unstarted" (taken now by the host: it never ran there, and never will)."""
+        with self._lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                record = list(self._LAYOUT.unpack_from(self._map))
+                if record[1 + claim % 2] == claim:
+                    return "withdrawn"
+                if record[0] >= claim:
+                    return "started"
+                record[0] = claim
+                self._LAYOUT.pack_into(self._map, 0, *record)
+                return "unstarted"
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
     def close(self) -> None:
         with self._lock:
             self._map.close()

@@ -104,3 +104,21 @@ def test_a_crash_passes_held_tasks_on(tmp_path):
         with pytest.raises(lambdafutures.WorkerCrashed):
             crash.result(timeout=30)
         assert [f.result(timeout=30) for f in after] == list(range(5))
+
+
+def _mark_then_exit(directory: str, index: int) -> None:
+    with open(os.path.join(directory, str(index)), "w"):
+        pass
+    os._exit(3)
+
+
+def test_a_crash_behind_a_held_task_runs_nothing_twice(tmp_path):
+    with lambdafutures.LambdaExecutor(max_workers=1, backend="local") as ex:
+        first = ex.submit(_mark, str(tmp_path), 0, 0.2)
+        crash = ex.submit(_mark_then_exit, str(tmp_path), 1)  # held behind the first one
+        after = [ex.submit(_mark, str(tmp_path), i, 0.0) for i in range(2, 6)]
+        assert first.result(timeout=30) == 0
+        with pytest.raises(lambdafutures.WorkerCrashed):
+            crash.result(timeout=30)
+        assert [f.result(timeout=30) for f in after] == list(range(2, 6))
+    assert sorted(os.listdir(tmp_path)) == sorted(str(i) for i in range(6))

@@ -212,10 +212,13 @@ class WorkerPool:
             if future is not None and not _run_or_notify(future):
                 return False
             worker.deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        elif future is not None:
+        else:
+            # Behind a busy worker's event: numbered, so that the worker claims it before
+            # running it (and the host can tell, should the worker die, whether it had).
             worker.claimed += 1
             item.claim = claim = worker.claimed
-            if not _hold(future, lambda: worker.withdraw(claim), item.on_dropped or _nothing):
+            if future is not None and not _hold(future, lambda: worker.withdraw(claim),
+                                                item.on_dropped or _nothing):
                 _run_or_notify(future)  # cancelled first: count it done for wait()
                 return False
         worker.items.append(item)
@@ -358,8 +361,8 @@ class WorkerPool:
                        f"process was killed and replaced")
 
     def _lost(self, worker: _Worker, kind: str, message: str) -> None:
-        """A worker is gone: report its event, pass the events that waited behind it on to
-        other workers (they never started), and start a replacement for queued work."""
+        """A worker is gone: report the events it had started, pass those it had not on to
+        other workers (none runs twice), and start a replacement for queued work."""
         try:
             self._selector.unregister(worker.sock)
         except (KeyError, ValueError):
@@ -372,31 +375,35 @@ class WorkerPool:
                 self._idle.remove(worker)
             if worker in self._roomy:
                 self._roomy.remove(worker)
-            event = worker.event
-            if worker.items and worker.items[0].future is not None:
-                _taken(worker.items[0].future)
-            waiting = list(worker.items)[1:]
-            worker.items.clear()
-            worker.deadline = None
-            for item in reversed(waiting):
+            failed: list[tuple[dict, str, str]] = []
+            unstarted: list[_Item] = []
+            for position, item in enumerate(worker.items):
+                if item.future is not None:
+                    _taken(item.future)
+                state = "started"
                 if item.claim:
                     assert worker.claims is not None
-                    if not worker.claims.start(item.claim):
-                        continue  # withdrawn: its future is cancelled, its slot freed
-                    if item.future is not None:
-                        _taken(item.future)
+                    state = worker.claims.settle(item.claim)
+                if state == "unstarted":
                     item.claim = 0
-                item.future = None  # it says running already; it just waits again
-                self._backlog.appendleft(item)
+                    item.future = None  # it says running already; it just waits again
+                    unstarted.append(item)
+                elif state == "started" and position == 0:
+                    failed.append((item.event, kind, message))
+                elif state == "started":  # it had followed the first one: the process died
+                    failed.append((item.event, protocol.CRASH, f"{message}, after this task "
+                                   f"had started in it"))
+            worker.items.clear()
+            worker.deadline = None
+            self._backlog.extendleft(reversed(unstarted))
             if self._backlog and not self._closed:
                 dropped = self._fill(self._spawn())
             self._forget_claims(worker)
         worker.sock.close()
         self._call(dropped)
-        if event is not None:
-            log.debug("task %s attempt %s: %s", event.get("task"), event.get("attempt"),
-                      message)
-            self._on_failure(event, kind, message)
+        for event, why, text in failed:
+            log.debug("task %s attempt %s: %s", event.get("task"), event.get("attempt"), text)
+            self._on_failure(event, why, text)
 
     def _describe_exit(self, worker: _Worker) -> str:
         try:
