@@ -4,7 +4,8 @@ Each task does `--loops` iterations of: two n x n normal matrices, their product
 Before the map, this process measures (with one BLAS thread, like each worker) one task
 in-process and a bare n x n GEMM. Then it maps the tasks with LambdaExecutor and reports
 
-  effective_gflops       total flops / wall time of the map (first submit to last result)
+  effective_gflops       total flops / wall time of the map (from creating the executor,
+                         cold starts included, to the last result; shutdown excluded)
   peak_gflops_in_flight  max over time of the running tasks' combined flops rate
   efficiency             effective / (task_gflops_inprocess x workers): the target ratio
   gap_to_gemm_ceiling    effective / (gemm_gflops_per_core x workers): how far the task's
@@ -17,8 +18,14 @@ same run and reports its efficiency as ppe_efficiency.
     python benchmarks/dgemm.py [--backend local] [--workers N] [--tasks 16] [--n 2048]
                                [--loops 3] [--out ./dgemm-out] [--compare-ppe] [--repeat 1]
 
+The default 16 tasks (8 rounds on 2 workers, ~10 s) keep the workers' one-off cold start
+(~0.04 s process start + ~0.04 s importing numpy on the first unpickle, reported as
+cold_start_s_mean and cold_setup_s_mean) near 1% of the wall time.
+
 The fields *_others_cpu_s say how much CPU other processes on the machine took meanwhile
 (Linux); on a shared machine, a run with a large figure there measured the neighbours.
+The in-process baseline is a single task, so its own noise moves `efficiency` as much;
+`ratio_to_ppe` (same run, same tasks) is the steadier comparison.
 """
 
 import os
