@@ -320,7 +320,7 @@ def test_shutdown_without_waiting_returns_and_the_process_exits_cleanly(tmp_path
     """)
     assert code == 0, err
     assert "Traceback" not in err
-    returned_in = float(next(l for l in out.splitlines() if l.startswith("returned_in"))
+    returned_in = float(next(line for line in out.splitlines() if line.startswith("returned_in"))
                         .split()[1])
     assert returned_in < 0.5  # it did not wait for the four sleeping tasks
     deadline = time.monotonic() + 10

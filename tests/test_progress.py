@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 from concurrent.futures import as_completed
 
-from lambdafutures import LambdaExecutor, stats
 from tasks import fail_at
+
+from lambdafutures import LambdaExecutor, stats
 
 
 def test_progress_counts_every_future_and_the_failed_ones():
