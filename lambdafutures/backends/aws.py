@@ -25,7 +25,7 @@ from botocore.config import Config
 from lambdafutures_handler import protocol
 from lambdafutures_handler.transport import S3Store
 
-from .base import Backend
+from .base import Backend, take_batch
 from .lean import make_invoker, make_sqs
 
 log = logging.getLogger("lambdafutures")
@@ -159,16 +159,7 @@ class SqsCompletionQueue:
     def receive(self, max_messages: int, wait: float) -> list[dict[str, Any]]:
         if self._error is not None:
             raise self._error
-        try:
-            messages = [self._received.get(timeout=wait)]
-        except queue.Empty:
-            return []
-        while len(messages) < max_messages:
-            try:
-                messages.append(self._received.get_nowait())
-            except queue.Empty:
-                break
-        return messages
+        return take_batch(self._received, max_messages, wait)
 
     def ack(self, messages: list[dict[str, Any]]) -> None:
         for message in messages:

@@ -6,6 +6,7 @@ backend's business.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -61,3 +62,17 @@ class Backend:
     def close(self) -> None:
         for close in reversed(self.closers):
             close()
+
+
+def take_batch(source: queue.SimpleQueue, max_items: int, wait: float) -> list[Any]:
+    """Up to `max_items` from `source`, waiting at most `wait` seconds for the first."""
+    try:
+        items = [source.get(timeout=wait)]
+    except queue.Empty:
+        return []
+    while len(items) < max_items:
+        try:
+            items.append(source.get_nowait())
+        except queue.Empty:
+            break
+    return items

@@ -18,7 +18,7 @@ from typing import Any
 from lambdafutures_handler import protocol
 from lambdafutures_handler.transport import FileStore
 
-from .base import Backend
+from .base import Backend, take_batch
 from .pool import WorkerPool
 
 _KILL_GRACE_S = 2.0
@@ -39,16 +39,7 @@ class LocalCompletionQueue:
         if self.pool is not None and self._queue.empty():
             self.pool.poll(wait)  # passes what workers said to `put` / `report_failure`
             wait = 0.0
-        try:
-            messages = [self._queue.get(timeout=wait)]
-        except queue.Empty:
-            return []
-        while len(messages) < max_messages:
-            try:
-                messages.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return messages
+        return take_batch(self._queue, max_messages, wait)
 
     def ack(self, messages: list[dict[str, Any]]) -> None:
         """Nothing to do: a local message cannot be delivered twice."""
