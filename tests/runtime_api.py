@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from lambdafutures.testing.loopback import read_body
+
 PREFIX = "/2018-06-01/runtime"
 _RESULT_PATH = re.compile(rf"^{PREFIX}/invocation/(?P<id>[^/]+)/(?P<kind>response|error)$")
 
@@ -238,20 +240,6 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
     def _reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
                content_type: str = "application/json") -> None:
         self.send_response(status)
@@ -285,7 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
     def do_POST(self) -> None:
-        body = self._read_body()
+        body = read_body(self)
         headers = {name: value for name, value in self.headers.items()}
         if self.path == f"{PREFIX}/init/error":
             self._status(self.api._record_init_error(body, headers))

@@ -51,7 +51,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlparse
 
-from .loopback import LoopbackServer
+from .loopback import LoopbackServer, read_body
 
 log = logging.getLogger("lambdafutures")
 
@@ -204,7 +204,7 @@ class FaultProxy:
         return Handler
 
     def _serve(self, request: Any) -> None:
-        body = _read_body(request)
+        body = read_body(request)
         operation = operation_of(request.command, request.path, request.headers)
         rule = self._choose(operation)
         fault = rule.fault if rule is not None else None
@@ -314,18 +314,6 @@ def _report_deleted(data: bytes, ids: list[str]) -> bytes:
     return json.dumps(document).encode()
 
 
-def _read_body(request: Any) -> bytes:
-    if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
-        chunks = []
-        while True:
-            size = int(request.rfile.readline().split(b";")[0], 16)
-            if size == 0:
-                while request.rfile.readline() not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(chunks)
-            chunks.append(request.rfile.read(size))
-            request.rfile.readline()
-    return request.rfile.read(int(request.headers.get("Content-Length") or 0))
 
 
 def _reply(request: Any, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:

@@ -30,7 +30,7 @@ import boto3
 from lambdafutures_handler import protocol
 
 from ..backends.pool import WorkerPool
-from .loopback import LoopbackServer
+from .loopback import LoopbackServer, read_body
 
 log = logging.getLogger("lambdafutures")
 
@@ -195,9 +195,6 @@ class LambdaEndpoint:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("lambda endpoint: " + format, *args)
 
-            def _body(self) -> bytes:
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
             def _reply(self, status: int, body: bytes = b"",
                        headers: dict[str, str] | None = None) -> None:
                 self.send_response(status)
@@ -210,9 +207,9 @@ class LambdaEndpoint:
             def do_POST(self) -> None:
                 match = _INVOKE_PATH.match(urlparse(self.path).path)
                 if match and self.headers.get("X-Amz-Invocation-Type") == "Event":
-                    endpoint._invoke(self, unquote(match.group(1)), self._body())
+                    endpoint._invoke(self, unquote(match.group(1)), read_body(self))
                 else:
-                    endpoint._forward(self, self._body())
+                    endpoint._forward(self, read_body(self))
 
             def do_GET(self) -> None:
                 endpoint._forward(self, b"")
@@ -221,7 +218,7 @@ class LambdaEndpoint:
                 endpoint._forward(self, b"")
 
             def do_PUT(self) -> None:
-                endpoint._forward(self, self._body())
+                endpoint._forward(self, read_body(self))
 
         return Handler
 
@@ -251,7 +248,8 @@ class LambdaEndpoint:
         target = urlparse(self.moto_url)
         connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
         try:
-            headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+            headers = {k: v for k, v in request.headers.items()
+                       if k.lower() not in _HOP_BY_HOP}  # the body is re-sized below
             headers["Host"] = target.netloc
             connection.request(request.command, request.path, body=body or None,
                                headers=headers)

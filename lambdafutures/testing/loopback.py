@@ -1,7 +1,7 @@
 """The HTTP server the testing endpoints share."""
 
 import threading
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class LoopbackServer(ThreadingHTTPServer):
@@ -24,3 +24,20 @@ class LoopbackServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+def read_body(request: BaseHTTPRequestHandler) -> bytes:
+    """A request's body, sized by Content-Length or sent chunked (as awslambdaric and some
+    botocore uploads do)."""
+    if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        chunks = []
+        while True:
+            size = int(request.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while request.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(chunks)
+            chunks.append(request.rfile.read(size))
+            request.rfile.readline()
+    length = int(request.headers.get("Content-Length") or 0)
+    return request.rfile.read(length) if length else b""
