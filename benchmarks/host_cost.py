@@ -281,7 +281,7 @@ class SqsCalls:
     hooks, the lean client's by wrapping its two methods (in this process only)."""
 
     def __init__(self, session):
-        from lambdafutures.backends.lean import LeanSqsClient
+        from lambdafutures.backends.aws.lean import LeanSqsClient
 
         self.receives = self.received = self.deletes = self.deleted = 0
         session.events.register("after-call.sqs.ReceiveMessage",
@@ -325,7 +325,7 @@ def phase_invoke_cpu(args, stack):
     import boto3
     from botocore.config import Config
 
-    from lambdafutures.backends.lean import make_invoker
+    from lambdafutures.backends.aws.lean import make_invoker
     from lambdafutures_handler import protocol
 
     threads, count = args.invoke_threads, args.invokes

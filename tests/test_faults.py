@@ -1,6 +1,6 @@
 """Fault injection: every future ends, with its result or a typed error, whatever breaks.
 
-AWS scenarios run through `lambdafutures.testing.faults.FaultProxy`: one proxy between the
+AWS scenarios run through `tests/faults.py FaultProxy`: one proxy between the
 host's boto3 and the Lambda endpoint (invokes), one between the host and moto for SQS and
 S3 (completion receives and deletes, stored results), and one between the endpoint's worker
 processes and moto for SQS and S3 (completion sends, stored results). Worker-side faults
@@ -39,7 +39,7 @@ from lambdafutures import (
     WorkerCrashed,
     stats_of,
 )
-from lambdafutures.testing.faults import DELAY, DROP, DUPLICATE, ERROR, RESET, THROTTLE, Rule
+from faults import DELAY, DROP, DUPLICATE, ERROR, RESET, THROTTLE, Rule
 
 pytestmark = pytest.mark.faults
 
@@ -205,7 +205,7 @@ def fault_stack(aws_stack):
     """The deployed stack, reached through fault proxies: host -> Lambda endpoint, host ->
     SQS and S3, and the endpoint's workers -> SQS and S3 (an endpoint and sandboxes of its
     own, so that workers reach AWS through a proxy)."""
-    from lambdafutures.testing.faults import FaultProxy
+    from faults import FaultProxy
     from lambdafutures.testing.lambda_endpoint import LambdaEndpoint
 
     worker = FaultProxy(aws_stack.moto_url, seed=3).start()

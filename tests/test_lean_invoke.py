@@ -1,4 +1,4 @@
-"""The lean AWS requests (lambdafutures/backends/lean.py) stand in for boto3's.
+"""The lean AWS requests (lambdafutures/backends/aws/lean.py) stand in for boto3's.
 
 Against the AWS stack: tasks run through an executor whose invokes, receives and deletes are
 lean; a missing function ends the future with InvocationFailed naming the error code, as
@@ -27,8 +27,8 @@ from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConn
 from tenacity import stop_after_attempt, wait_none
 
 from lambdafutures import InvocationFailed, LambdaExecutor
-from lambdafutures.backends import lean
-from lambdafutures.backends.invoke import LambdaInvoker, is_retryable
+from lambdafutures.backends.aws import lean
+from lambdafutures.backends.aws.invoke import LambdaInvoker, is_retryable
 
 EVENT = {"v": 2, "task": 7, "payload": {"inline": "eA=="}}
 

@@ -29,7 +29,7 @@ import boto3
 
 from lambdafutures_handler import protocol
 
-from ..backends.pool import WorkerPool
+from ..backends.local.pool import WorkerPool
 from .loopback import LoopbackServer, read_body
 
 log = logging.getLogger("lambdafutures")

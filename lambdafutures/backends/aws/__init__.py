@@ -25,7 +25,7 @@ from botocore.config import Config
 from lambdafutures_handler import protocol
 from lambdafutures_handler.transport import S3Store
 
-from .base import Backend, take_batch
+from ..base import Backend, take_batch
 from .lean import make_invoker, make_sqs
 
 log = logging.getLogger("lambdafutures")

@@ -51,7 +51,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlparse
 
-from .loopback import LoopbackServer, read_body
+from lambdafutures.testing.loopback import LoopbackServer, read_body
 
 log = logging.getLogger("lambdafutures")
 

@@ -18,7 +18,7 @@ from typing import Any
 from lambdafutures_handler import protocol
 from lambdafutures_handler.transport import FileStore
 
-from .base import Backend, take_batch
+from ..base import Backend, take_batch
 from .pool import WorkerPool
 
 _KILL_GRACE_S = 2.0
