@@ -229,18 +229,9 @@ class LambdaExecutor(Executor):
             del task  # while idle, hold no task: its future (and result) may be dropped
 
     def _launch(self, task: Task) -> None:
-        # A first attempt on a backend that holds tasks at busy workers stays pending (and
-        # cancellable) until a worker takes it: the invoker marks it running then.
-        queued = task.attempt == 0 and self._backend.prefetch > 0
         if task.attempt == 0:
             try:
-                if queued and task.future.cancelled():
-                    task.future.set_running_or_notify_cancel()  # so wait() counts it done
-                    self._end(task)
-                    return
-                if queued and task.future.done():
-                    return  # it has ended already: the executor broke while it waited
-                if not queued and not task.future.set_running_or_notify_cancel():
+                if not task.future.set_running_or_notify_cancel():
                     self._end(task)
                     return
             except RuntimeError:
@@ -249,16 +240,15 @@ class LambdaExecutor(Executor):
         try:
             event = self._event_for(task)
             task.invoked_at = time.time()
+            self._backend.invoker.invoke(event)
             limit = self._timeout or self._backend.sandbox_timeout
             if limit is not None:
-                # A task held at a busy worker may first wait for that worker's current one.
-                wait = limit if queued else 0.0
+                # From when the invoke returned: time spent retrying the invoke itself is not
+                # the task's. A task handed to a busy local worker may first wait for that
+                # worker's current one.
+                wait = limit if self._backend.prefetch else 0.0
                 self._table.set_deadline(task, attempt, time.monotonic() + wait + limit
                                          + self._backend.deadline_margin)
-            if queued:
-                self._backend.invoker.invoke(event, task.future, lambda: self._end(task))
-            else:
-                self._backend.invoker.invoke(event)
             if (task.retries_left == 0 and self._stragglers is None and task.blob is not None
                     and protocol.blob_key(task.blob) is None):
                 # Nothing will invoke this task again, so its inline payload need not stay
@@ -461,16 +451,10 @@ class LambdaExecutor(Executor):
         self._completer.join()
 
     def _cancel_waiting(self) -> None:
-        """Cancel every task that has not started: those pending here and, on a backend that
-        holds tasks at busy workers, those still waiting there."""
+        """Cancel every task that has not been handed to a worker."""
         for task in self._table.cancel_pending():
             if task.future.cancel():
                 task.future.set_running_or_notify_cancel()  # so wait() counts it done
-        if self._backend.prefetch:
-            with self._table.lock:
-                launched = list(self._table.tasks.values())
-            for task in launched:
-                task.future.cancel()  # withdraws it if it still waits at a busy worker
 
 
 def _result_or_cancel(future: Future, end_time: float | None) -> Any:
