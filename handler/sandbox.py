@@ -12,7 +12,8 @@ BLAS libraries read once, when they load:
 - else max(1, memory_mb // 1769), capped at the visible CPU count.
 
 Outside Lambda (the host, which imports this package too) nothing changes; the local backend
-sets one thread in its workers' environment itself. `blas_threads()` says what is in effect, for stats and benchmarks.
+sets one thread in its workers' environment itself. `blas_threads()` says what is in
+effect, for stats and benchmarks.
 """
 
 from __future__ import annotations
