@@ -2,10 +2,12 @@
 
     lambdafutures deploy [--name N] [--region R] [--profile P] [--memory MB] [--timeout S]
                          [--architecture arm64|x86_64] [--requirements FILE | --layer-zip FILE
-                         | --no-layer] [--reserved-concurrency N|none] ...
+                         | --requirements-from-env NAME... | --no-layer]
+                         [--reserved-concurrency N|none] ...
     lambdafutures status                 exit 0 when everything exists and matches, else 1
-    lambdafutures destroy [--yes]        removes everything deploy made, then the config file
-    lambdafutures gc [--older-than HOURS] [--dry-run]
+    lambdafutures destroy [--yes]        removes what deploy made, then the config file; a
+                                         bucket, queue or role that existed before is kept
+    lambdafutures gc [--stale-after MINUTES] [--older-than HOURS] [--dry-run]
 
 A re-run of `deploy` keeps the previous deployment's settings (read from the config file)
 unless a flag changes them, so `lambdafutures deploy` alone updates code and nothing else.
@@ -25,9 +27,10 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..config import config_path, load_deployment, save_deployment
+from . import environment, runtimes, stack
 from . import layer as layers
-from . import stack
 from .aws import Aws
+from .functions import Function
 from .gc import collect
 from .spec import DEFAULT_NAME, Deployment, Settings, settings_from_config
 from .storage import queues_with_prefix
@@ -93,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
                         help="lifecycle expiry of task objects (default 1)")
     deploy.add_argument("--log-retention-days", type=int, metavar="DAYS",
                         help="function log retention (default 14)")
+    deploy.add_argument("--failure-retention", type=int, metavar="SECONDS",
+                        help="how long the failure queue keeps Lambda's failure records, "
+                             "which hold the tasks' arguments (default 3600)")
     deploy.add_argument("--reserved-concurrency", type=_reserved, metavar="N|none",
                         help="reserve concurrency for the function (default none)")
     source = deploy.add_mutually_exclusive_group()
@@ -100,6 +106,8 @@ def parser() -> argparse.ArgumentParser:
                         help="requirements for the dependency layer (default: numpy)")
     source.add_argument("--layer-zip", type=Path, metavar="FILE",
                         help="a layer zip built elsewhere (python/... inside)")
+    source.add_argument("--requirements-from-env", nargs="+", metavar="NAME",
+                        help="a layer of these packages at this host's installed versions")
     source.add_argument("--no-layer", action="store_true", help="no dependency layer")
 
     status = commands.add_parser("status", help="show what exists and whether it matches")
@@ -109,10 +117,17 @@ def parser() -> argparse.ArgumentParser:
     common(destroy)
     destroy.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
-    gc = commands.add_parser("gc", help="remove leftover executor queues and task objects")
+    gc = commands.add_parser(
+        "gc", help="remove the queues and task objects of executors that stopped",
+        description="Remove the completion queues, and the objects under "
+                    "{prefix}/{executor id}/, of executors whose heartbeat stopped. Executors "
+                    "that still beat are never touched, however old.")
     common(gc)
+    gc.add_argument("--stale-after", type=float, default=10.0, metavar="MINUTES",
+                    help="a heartbeat older than this means the executor stopped (default 10)")
     gc.add_argument("--older-than", type=float, default=24.0, metavar="HOURS",
-                    help="age threshold (default 24)")
+                    help="age threshold for queues without a heartbeat, made by executors "
+                         "from before heartbeats (default 24)")
     gc.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     return top
 
@@ -120,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
 # -- settings -------------------------------------------------------------------------------
 
 _SETTING_FLAGS = ("bucket", "memory_mb", "timeout", "architecture", "max_event_age",
-                  "object_expiry_days", "log_retention_days")
+                  "object_expiry_days", "log_retention_days", "failure_retention")
 
 
 def _previous(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -160,6 +175,8 @@ def _layer_source(args: argparse.Namespace, previous: dict[str, Any] | None,
         return layers.from_zip(args.layer_zip.read_bytes(), label=args.layer_zip.name)
     if args.requirements:
         return layers.from_requirements(args.requirements.read_text(), arch, python)
+    if args.requirements_from_env:
+        return layers.from_host_packages(args.requirements_from_env, arch, python)
     if previous and "layer_source" in previous:
         record = previous["layer_source"]
         return layers.from_record(record, arch, python) if record else None
@@ -187,11 +204,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     previous = _previous(args)
     aws = _aws(args, previous)
     deployment = stack.bind(aws, _settings(args, previous, aws))
+    # Before anything is made: Lambda would refuse a blocked runtime only at the function.
+    deployed = Function(aws, deployment, b"", None).deployed_runtime()
+    for warning in runtimes.check(deployment.python, runtimes.today(), deployed_runtime=deployed):
+        _say(f"warning: {warning}")
     source = _layer_source(args, previous, deployment)
     s = deployment.settings
     _say(f"deploying {deployment.name!r} to account {deployment.account_id}, {deployment.region}"
          f" ({deployment.runtime}, {s.architecture}, {s.memory_mb} MB, {s.timeout} s)")
     config = stack.deploy(aws, deployment, source, _report, _progress)
+    config.update(environment.record(source, config, previous))
+    for line in environment.describe(config, only_differences=True):
+        _say(line)
     replaced = load_deployment()
     path = save_deployment(config)
     if replaced and replaced.get("name") != config["name"]:
@@ -212,7 +236,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         elif state.differences:
             status, notes = "DIFFERS", state.differences
         else:
-            status, notes = "ok", [state.detail] if state.detail == stack.NO_LAYER else []
+            status, notes = "ok", [state.detail] if state.detail in stack.SHOWN_DETAILS else []
         good = good and state.ok
         shown = state.detail.split(":layer:")[-1] if ":layer:" in state.detail else name
         _report(kind, shown, status, notes)
@@ -221,6 +245,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if config is None:
         _say("  no config file for this deployment: run `lambdafutures deploy`")
         good = False
+    else:
+        _say(f"  {runtimes.status_line(deployment.python, runtimes.today())}")
+        for line in environment.describe(config):
+            _say(f"  {line}")
     _say("all good" if good else "not all good: run `lambdafutures deploy` to fix")
     return 0 if good else 1
 
@@ -230,8 +258,9 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     if not args.yes:
         if not sys.stdin.isatty():
             raise LookupError("destroy needs --yes when not run interactively")
-        answer = input(f"delete deployment {deployment.name!r} (bucket {deployment.bucket} "
-                       "and all its objects, function, queues, role, layer)? [y/N] ")
+        answer = input(f"delete deployment {deployment.name!r} (its objects under "
+                       f"{deployment.bucket}/{deployment.prefix}/, the bucket if deploy made "
+                       "it and nothing else is in it, function, queues, role, layer)? [y/N] ")
         if answer.strip().lower() not in {"y", "yes"}:
             _say("nothing deleted")
             return 1
@@ -247,10 +276,11 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     aws, deployment, _ = _target(args)
-    seconds = args.older_than * 3600
-    result = collect(aws, deployment, seconds, dry_run=args.dry_run)
+    result = collect(aws, deployment, args.older_than * 3600,
+                     stale_after_s=args.stale_after * 60, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
-    _say(f"gc {deployment.name!r} (older than {args.older_than:g} h): {verb} "
+    _say(f"gc {deployment.name!r} (heartbeat older than {args.stale_after:g} min, or no "
+         f"heartbeat and older than {args.older_than:g} h): {verb} "
          f"{len(result.queues)} executor queue(s) and {result.objects} task object(s); kept "
          f"{result.queues_kept} queue(s) and {result.objects_kept} object(s)")
     return 0

@@ -4,23 +4,64 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
+
+import tenacity
 
 from .aws import Aws, is_error, retry_iam_propagation
 from .layer import LayerSource, described_digest
-from .package import HANDLER, code_sha256
+from .package import HANDLER, build_function_zip, check_unzipped_size, code_sha256, unzipped_size
 from .resources import CREATED, UNCHANGED, UPDATED, Outcome, Progress, State, differences, quiet
-from .spec import Deployment
+from .spec import Deployment, host_python
 
 log = logging.getLogger("lambdafutures")
 
 # Lambda takes a zip of up to 50 MB in the request itself; larger ones go through S3.
 DIRECT_UPLOAD_LIMIT = 45 * 2**20
 _WAIT = {"Delay": 1, "MaxAttempts": 300}
+# Layer versions kept after a new one is published: the newest few (and the one in use), so
+# that a function pinned to a recent version keeps working and old ones stop piling up.
+KEEP_LAYER_VERSIONS = 3
 
 
 def _not_found(exc: BaseException) -> bool:
     return is_error(exc, "ResourceNotFoundException")
+
+
+class FunctionBusy(RuntimeError):
+    """The function stayed mid-update longer than deploy waits."""
+
+
+def _busy(configuration: dict[str, Any]) -> bool:
+    """Lambda refuses changes (ResourceConflictException) while a function is being created
+    (State Pending) or updated (LastUpdateStatus InProgress)."""
+    return (configuration.get("State") == "Pending"
+            or configuration.get("LastUpdateStatus") == "InProgress")
+
+
+def _give_up_waiting(state: tenacity.RetryCallState) -> None:
+    raise FunctionBusy(f"the function is still being updated after "
+                       f"{state.seconds_since_start:.0f} s; try deploy again later")
+
+
+# Until the function is Active with its last update done: polled, up to five minutes.
+FUNCTION_READY = tenacity.Retrying(
+    retry=tenacity.retry_if_result(_busy),
+    wait=tenacity.wait_exponential(multiplier=0.25, min=0.25, max=5),
+    stop=tenacity.stop_after_delay(300),
+    retry_error_callback=_give_up_waiting,
+)
+
+# Someone else (a console edit, another deploy, Lambda's own post-create work) may start an
+# update between our wait and our call: Lambda answers ResourceConflictException; wait for
+# the function again and repeat, for up to three minutes.
+RESOURCE_CONFLICT = tenacity.Retrying(
+    retry=tenacity.retry_if_exception(lambda exc: is_error(exc, "ResourceConflictException")),
+    wait=tenacity.wait_exponential(multiplier=0.5, min=0.5, max=10),
+    stop=tenacity.stop_after_delay(180),
+    reraise=True,
+)
 
 
 class Layer:
@@ -60,7 +101,8 @@ class Layer:
         match = self._matching(versions)
         if match is None:
             return State(exists=True, differences=["no version built from the recorded "
-                                                   "requirements and platform"])
+                                                   "requirements and platform at this "
+                                                   "host's versions"])
         found = []
         if self.expected_arn and self.expected_arn not in {v["LayerVersionArn"]
                                                           for v in versions}:
@@ -83,10 +125,38 @@ class Layer:
         data = self.source.build()
         size = (f"{len(data) / 2**20:.1f} MiB" if len(data) >= 2**20
                 else f"{len(data) / 2**10:.0f} KiB")
-        progress(f"built layer: {size} in {time.monotonic() - started:.0f} s; publishing")
+        progress(f"built layer: {size} in {time.monotonic() - started:.0f} s; "
+                 + self._pyc_note())
+        # Lambda would only refuse the function after every upload: check first.
+        check_unzipped_size({"function": unzipped_size(build_function_zip()),
+                             f"layer {self.name}": unzipped_size(data)})
+        progress("publishing")
         arn = self._publish(data)
+        self.prune(keep=arn, progress=progress)
         return Outcome(UPDATED if versions else CREATED,
                        ["new version"] if versions else [], detail=arn)
+
+    def _pyc_note(self) -> str:
+        if self.source.built.get("pyc"):
+            return ".pyc compiled (unchecked-hash)"
+        if "requirements" not in self.source.record:
+            return "prebuilt zip taken as is"
+        return (f"no .pyc: this host runs Python {host_python()}, the runtime "
+                f"{self.deployment.python} (bytecode is per Python minor)")
+
+    def prune(self, keep: str, progress: Progress = quiet) -> list[int]:
+        """Delete all but the newest KEEP_LAYER_VERSIONS versions, never `keep` (the ARN in
+        use); returns the version numbers deleted."""
+        versions = sorted(self.versions(), key=lambda v: v["Version"], reverse=True)
+        kept = {v["Version"] for v in versions[:KEEP_LAYER_VERSIONS]}
+        doomed = [v["Version"] for v in versions
+                  if v["Version"] not in kept and v["LayerVersionArn"] != keep]
+        for number in doomed:
+            self.aws.lam.delete_layer_version(LayerName=self.name, VersionNumber=number)
+        if doomed:
+            progress(f"pruned {len(doomed)} old layer version(s) (kept the newest "
+                     f"{KEEP_LAYER_VERSIONS})")
+        return doomed
 
     def _publish(self, data: bytes) -> str:
         kwargs: dict[str, Any] = {
@@ -161,6 +231,11 @@ class Function:
                 response.get("Concurrency", {}).get("ReservedConcurrentExecutions"),
         }
 
+    def deployed_runtime(self) -> str | None:
+        """The runtime of the function as it exists (None: no function yet)."""
+        have = self._get()
+        return None if have is None else have.get("Runtime")
+
     def _code_want(self) -> dict[str, Any]:
         return {"CodeSha256": code_sha256(self.code),
                 "Architectures": [self.deployment.settings.architecture]}
@@ -188,18 +263,17 @@ class Function:
         lam = self.aws.lam
         if code:
             # Architecture is a property of the code in Lambda's API.
-            lam.update_function_code(FunctionName=self.name, ZipFile=self.code, Publish=False,
-                                     Architectures=[self.deployment.settings.architecture])
-            self._wait_updated()
+            self._update(lambda: lam.update_function_code(
+                FunctionName=self.name, ZipFile=self.code, Publish=False,
+                Architectures=[self.deployment.settings.architecture]), progress)
         if config:
             want = self._want()
             changed = {key: want[key] for key in want if have.get(key) != want[key]}
-            retry_iam_propagation(
+            self._update(lambda: retry_iam_propagation(
                 lambda: lam.update_function_configuration(FunctionName=self.name, **changed),
-                progress)
-            self._wait_updated()
+                progress), progress)
         if concurrency:
-            self._put_concurrency()
+            self._update(self._put_concurrency, progress)
         changes = code + config + concurrency
         return Outcome(UPDATED if changes else UNCHANGED, changes, detail=self.arn or "")
 
@@ -213,12 +287,28 @@ class Function:
         self.arn = response["FunctionArn"]
         lam.get_waiter("function_active_v2").wait(FunctionName=self.name, WaiterConfig=_WAIT)
         if self.deployment.settings.reserved_concurrency is not None:
-            self._put_concurrency()
+            self._update(self._put_concurrency, progress)
 
-    def _wait_updated(self) -> None:
-        # Lambda refuses the next change while an update is in progress.
-        self.aws.lam.get_waiter("function_updated_v2").wait(FunctionName=self.name,
-                                                            WaiterConfig=_WAIT)
+    def wait_ready(self, policy: tenacity.Retrying = FUNCTION_READY) -> None:
+        """Until the function is Active and its last update is done (Lambda refuses the
+        next change before that)."""
+        policy.copy()(lambda: self.aws.lam.get_function_configuration(FunctionName=self.name))
+
+    def _update(self, change: Callable[[], Any], progress: Progress) -> Any:
+        """Wait for the function to be ready, make the change, wait for it to take effect;
+        a ResourceConflictException (someone else's update came in between) starts over."""
+
+        def attempt() -> Any:
+            self.wait_ready()
+            result = change()
+            self.wait_ready()
+            return result
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            progress(f"function busy with another update (attempt {state.attempt_number}); "
+                     "waiting")
+
+        return RESOURCE_CONFLICT.copy(before_sleep=before_sleep)(attempt)
 
     def _put_concurrency(self) -> None:
         reserved = self.deployment.settings.reserved_concurrency

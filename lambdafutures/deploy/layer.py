@@ -2,16 +2,26 @@
 
 pip can install for another platform when it only takes wheels (`--only-binary=:all:`), so
 the layer is built where the user runs `deploy`. A layer version records in its description
-the digest of what it was built from (requirements, Python version, architecture), so a
-re-run finds it and builds nothing.
+the digest of what it was built from (requirements, Python version, architecture, the host
+versions it pins), so a re-run finds it and builds nothing.
+
+The cloud should run what the host runs: a requirement named without a version is pinned
+to the host's installed version. Where no wheel of that version exists for Lambda's
+platform (numpy 2.3+ needs glibc 2.28, Amazon Linux 2 has 2.26), the pin is dropped and
+pip takes the newest that exists; the build records both, and `deploy` and `status` show
+the difference (see environment.py).
 """
 
 from __future__ import annotations
 
+import compileall
 import hashlib
+import importlib.metadata
 import io
 import logging
 import os
+import py_compile
+import re
 import shutil
 import stat
 import subprocess
@@ -19,9 +29,12 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any
+
+from .package import unzipped_size
 
 log = logging.getLogger("lambdafutures")
 
@@ -29,6 +42,13 @@ DEFAULT_REQUIREMENTS = "numpy\n"
 DIGEST_MARK = "sha256:"
 
 _ARCH_SUFFIX = {"arm64": "aarch64", "x86_64": "x86_64"}
+# Lambda mounts a layer at /opt; its python/ directory is on sys.path.
+LAYER_SITE = "/opt/python"
+# A requirement line that is only a project name (with extras): the ones pinned to the host.
+_BARE_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*(#.*)?$")
+# pip's words for "no such version for this platform": the pins it names are dropped.
+_UNAVAILABLE = re.compile(r"(?:No matching distribution found for|Could not find a version "
+                          r"that satisfies the requirement)\s+([A-Za-z0-9._-]+)==")
 
 
 class LayerBuildError(RuntimeError):
@@ -43,6 +63,9 @@ class LayerSource:
     build: Callable[[], bytes] | None        # None: this host cannot rebuild it
     record: dict[str, str]                   # kept in the config so a re-run can rebuild
     summary: str                             # for progress lines
+    # Filled by build(): "packages" {name: version} in the zip, "fallbacks" {name: host
+    # version that had no wheel for Lambda}, "unzipped_bytes", "pyc" (compiled or not).
+    built: dict[str, Any] = field(default_factory=dict)
 
     @property
     def description(self) -> str:
@@ -82,10 +105,101 @@ def pip_command(requirements_file: Path, target: Path, architecture: str,
     return command
 
 
+def canonical_name(name: str) -> str:
+    """A project name as PyPI compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def host_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def host_pins(requirements: str) -> dict[str, str]:
+    """{canonical name: host version} for each requirement named without a version that the
+    host has installed."""
+    pins = {}
+    for line in requirements.splitlines():
+        match = _BARE_NAME.match(line)
+        if match and (version := host_version(match.group(1))) is not None:
+            pins[canonical_name(match.group(1))] = version
+    return pins
+
+
+def pinned(requirements: str, pins: dict[str, str]) -> str:
+    """The requirements with each bare name in `pins` pinned to its version."""
+    lines = []
+    for line in requirements.splitlines():
+        match = _BARE_NAME.match(line)
+        name = canonical_name(match.group(1)) if match else None
+        if match and name in pins:
+            line = f"{match.group(1)}{match.group(2) or ''}=={pins[name]}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def compile_for_runtime(site: Path, python: str) -> bool:
+    """Compile every module under `site` to .pyc with unchecked-hash invalidation: /opt is
+    read-only on Lambda, so without them each cold start compiles numpy again (0.31 s of
+    import instead of 0.10 s), and an unchecked hash skips even the stat of each source.
+    Bytecode is specific to the Python minor: only possible when this host runs the
+    runtime's. Returns whether it compiled."""
+    if python != "%d.%d" % sys.version_info[:2]:
+        log.info("layer: no .pyc (this host runs Python %d.%d, the runtime %s)",
+                 *sys.version_info[:2], python)
+        return False
+    compileall.compile_dir(str(site), quiet=2, workers=0, stripdir=str(site),
+                           prependdir=LAYER_SITE,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    return True
+
+
+def packages_in_zip(data: bytes) -> dict[str, str]:
+    """{canonical name: version} of the distributions installed in a layer zip."""
+    found = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for name in archive.namelist():
+            parts = name.split("/")
+            if len(parts) == 3 and parts[1].endswith(".dist-info") and parts[2] == "METADATA":
+                headers = HeaderParser().parsestr(archive.read(name).decode("utf-8", "replace"))
+                if headers.get("Name") and headers.get("Version"):
+                    found[canonical_name(headers["Name"])] = headers["Version"]
+    return dict(sorted(found.items()))
+
+
+def build_matching_host(requirements: str, pins: dict[str, str], architecture: str,
+                        python: str, built: dict[str, Any]) -> bytes:
+    """Build with the host's versions pinned; a pin pip cannot satisfy for Lambda's platform
+    is dropped (pip then takes the newest version that has a wheel) and recorded in
+    `built["fallbacks"]`."""
+    wanted, fallbacks = dict(pins), {}
+    while True:
+        try:
+            data = build_layer_zip(pinned(requirements, wanted), architecture, python)
+            break
+        except LayerBuildError as exc:
+            named = {canonical_name(n) for n in _UNAVAILABLE.findall(str(exc))} & set(wanted)
+            # An unnamed failure with pins in place (conflicting pins, say): drop them all
+            # once; without pins, the requirements themselves cannot be built.
+            dropped = named or set(wanted)
+            if not dropped:
+                raise
+            for name in sorted(dropped):
+                fallbacks[name] = wanted.pop(name)
+                log.info("layer: %s %s has no wheel for %s / Python %s; taking the newest "
+                         "that has", name, fallbacks[name], architecture, python)
+    built.update(packages=packages_in_zip(data), fallbacks=fallbacks,
+                 unzipped_bytes=unzipped_size(data),
+                 pyc=python == "%d.%d" % sys.version_info[:2])
+    return data
+
+
 def build_layer_zip(requirements: str, architecture: str, python: str,
                     run: Callable[[Sequence[str]], Any] | None = None) -> bytes:
-    """pip-install `requirements` for Lambda into `python/` and zip it (Lambda puts a
-    layer's `python/` directory on sys.path)."""
+    """pip-install `requirements` for Lambda into `python/`, compile it for the runtime
+    when this host can, and zip it (Lambda puts a layer's `python/` on sys.path)."""
     with tempfile.TemporaryDirectory(prefix="lambdafutures-layer-") as tmp:
         root = Path(tmp)
         requirements_file = root / "requirements.txt"
@@ -103,6 +217,7 @@ def build_layer_zip(requirements: str, architecture: str, python: str,
                     + (done.stderr or done.stdout)[-4000:])
         # Console scripts carry this host's interpreter path in their shebang: useless there.
         shutil.rmtree(target / "bin", ignore_errors=True)
+        compile_for_runtime(target, python)
         return zip_directory(target.parent)
 
 
@@ -112,7 +227,7 @@ def zip_directory(root: Path) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(root.rglob("*")):
-            if path.is_dir() or "__pycache__" in path.parts:
+            if path.is_dir():
                 continue
             info = zipfile.ZipInfo(path.relative_to(root).as_posix(), (1980, 1, 1, 0, 0, 0))
             info.external_attr = (stat.S_IMODE(os.stat(path).st_mode) | 0o444) << 16
@@ -123,26 +238,46 @@ def zip_directory(root: Path) -> bytes:
 
 def from_requirements(requirements: str, architecture: str, python: str) -> LayerSource:
     text = requirements if requirements.endswith("\n") else requirements + "\n"
+    pins = host_pins(text)
     # The platform is part of what is built: the same requirements for another
-    # architecture or Python version are another layer.
-    key = f"{text}\0{architecture}\0{python}\0{' '.join(platform_tags(architecture, python))}"
+    # architecture or Python version are another layer; so are other host versions.
+    key = (f"{text}\0{architecture}\0{python}\0{' '.join(platform_tags(architecture, python))}"
+           f"\0pins:{' '.join(f'{n}=={v}' for n, v in sorted(pins.items()))}")
     # A readable summary for the description: the first word of each requirement line
     # (options such as "--hash=sha256:..." left out, so only our digest carries "sha256:").
     words = [line.split("#")[0].split()[:1] for line in text.splitlines()]
     names = [w[0].replace(":", "") for w in words if w and not w[0].startswith("-")]
+    built: dict[str, Any] = {}
     return LayerSource(
         digest=hashlib.sha256(key.encode()).hexdigest(),
-        build=lambda: build_layer_zip(text, architecture, python),
+        build=lambda: build_matching_host(text, pins, architecture, python, built),
         record={"requirements": text},
         summary="deps " + (",".join(names)[:120] or "(none)"),
+        built=built,
     )
+
+
+def from_host_packages(names: Sequence[str], architecture: str, python: str) -> LayerSource:
+    """`deploy --requirements-from-env NAME...`: the named packages at the host's versions."""
+    missing = [name for name in names if host_version(name) is None]
+    if missing:
+        raise ValueError(f"--requirements-from-env: not installed on this host: "
+                         f"{', '.join(missing)}")
+    return from_requirements("".join(f"{name}\n" for name in names), architecture, python)
 
 
 def from_zip(data: bytes, label: str = "prebuilt") -> LayerSource:
     """A layer zip built elsewhere (air-gapped hosts, tests)."""
     digest = hashlib.sha256(data).hexdigest()
-    return LayerSource(digest=digest, build=lambda: data, record={"zip_sha256": digest},
-                       summary=f"zip {label}"[:120])
+    built: dict[str, Any] = {}
+
+    def build() -> bytes:
+        built.update(packages=packages_in_zip(data), fallbacks={},
+                     unzipped_bytes=unzipped_size(data), pyc=False)
+        return data
+
+    return LayerSource(digest=digest, build=build, record={"zip_sha256": digest},
+                       summary=f"zip {label}"[:120], built=built)
 
 
 def from_record(record: dict[str, str], architecture: str, python: str) -> LayerSource:

@@ -58,3 +58,33 @@ def build_function_zip() -> bytes:
 def code_sha256(data: bytes) -> str:
     """The digest in Lambda's format (base64 of the SHA-256), as in CodeSha256."""
     return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+
+
+# Lambda's limit on a function's code and all its layers, unzipped: 250 MB (MiB, in fact:
+# 262,144,000 bytes). Past it, CreateFunction / UpdateFunctionConfiguration fail only after
+# the upload; checked here first.
+UNZIPPED_LIMIT = 250 * 2**20
+
+
+class PackageTooLarge(RuntimeError):
+    """The function and its layers would unzip to more than Lambda allows."""
+
+
+def unzipped_size(data: bytes) -> int:
+    """The bytes a zip holds once unpacked (what Lambda counts against its limit)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return sum(info.file_size for info in archive.infolist())
+
+
+def check_unzipped_size(parts: dict[str, int], limit: int = UNZIPPED_LIMIT) -> int:
+    """Refuse when the parts ({"function": bytes, "layer x": bytes}) add up to more than
+    Lambda's unzipped limit; return the total."""
+    total = sum(parts.values())
+    if total > limit:
+        shown = ", ".join(f"{name} {size / 2**20:.1f} MB" for name, size in parts.items())
+        raise PackageTooLarge(
+            f"the function and its layers unzip to {total / 2**20:.1f} MB ({shown}), over "
+            f"Lambda's {limit / 2**20:.0f} MB limit; nothing was uploaded. Trim the layer's "
+            "requirements (a package that is only needed on this host, test or plotting "
+            "extras), or split the dependencies and pass a smaller --requirements file")
+    return total
