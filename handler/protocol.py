@@ -1,22 +1,36 @@
-"""The wire protocol between host and worker, version 2.
+"""The wire protocol between host and worker, version 3.
 
 This module is the single source of truth for the messages that cross the wire. The host
 (`lambdafutures`) and the worker (`lambdafutures_handler`) both import it, and the worker is
 zipped into Lambda with it, so it depends on the standard library only.
 
 Invoke event (JSON, host -> worker):
-    v, executor, task, attempt, payload, store, reply, inline_limit, host, submitted_at,
-    timeout, key, sig
+    v, executor, task, attempt, payload, payload_sha256, store, reply, inline_limit, host,
+    submitted_at, timeout, expires_at, sig
 Completion message (JSON, worker -> host):
-    v, executor, task, attempt, status ("ok" | "error"), result, error, stats, sig
+    v, executor, task, attempt, status ("ok" | "error"), result, result_sha256, error,
+    stats, output, sig
+Hint (built by the host's own backend code, never read from a queue as such):
+    {"hint": kind, "message": text, "event": the invoke event it is about}
 
-`payload` and `result` are blob references: {"inline": base64} or {"key": object key in
-`store`}. `sig` is an HMAC-SHA256 over the blob's bytes under the executor's random `key`,
-which travels only inside the invoke event.
+`payload` and `result` are {"inline": base64} or {"stored": true}. A stored blob's object key
+is never read from a message: both ends compute it from (executor, task[, attempt]) with
+`payload_key` / `result_key`, so a message cannot name someone else's object.
+
+Trust. Each executor has a random 32-byte key. It never travels in a message: the host
+writes it once to `key_object(executor)` in the object store (S3 under the deployment's
+prefix, readable by the function's role; locally a 0700 directory), and a worker reads it
+there, once per executor per sandbox. `sig` is an HMAC-SHA256 under that key over a fixed
+list of the message's fields, behind a domain label per direction, so an event's signature
+can never pass for a completion's; the blob's SHA-256 is one of the signed fields. A message
+whose signature does not verify is dropped without acting on anything it says. Lambda's
+failure records are unsigned by nature; the host turns them into hints, which may only end
+an attempt that the host itself considers running, and only if the record carries that
+attempt's own event with a valid signature.
 
 A payload's bytes (see `pack_payload`) hold the function's pickle and the calls' pickle
-apart, so that both ends can reuse a function's pickle across tasks (version 2; version 1
-pickled the function and its calls together). A result's bytes are one pickle.
+apart, so that both ends can reuse a function's pickle across tasks. A result's bytes are
+one pickle.
 """
 
 from __future__ import annotations
@@ -24,13 +38,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 import struct
 import sys
 import time
 from typing import Any
 
-VERSION = 2
+VERSION = 3
 
 # Lambda's async-invoke event limit and SQS's message limit were both 256 KiB for years
 # (both have since grown to 1 MiB); 256 KiB is safe everywhere, including moto.
@@ -47,7 +62,9 @@ MISMATCH = "runtime_mismatch"    # worker's Python / cloudpickle differ from the
 SIGNATURE = "signature"          # a payload or result failed its HMAC check
 PROTOCOL = "protocol"            # an event the worker cannot read
 NOT_RUN = "not_run"              # the platform dropped the event without running it
-ERROR_KINDS = (USER, TIMEOUT, CRASH, SERIALIZATION, MISMATCH, SIGNATURE, PROTOCOL, NOT_RUN)
+INITIALIZER = "initializer"      # the executor's initializer raised in this sandbox
+ERROR_KINDS = (USER, TIMEOUT, CRASH, SERIALIZATION, MISMATCH, SIGNATURE, PROTOCOL, NOT_RUN,
+               INITIALIZER)
 
 
 class ProtocolError(ValueError):
@@ -81,80 +98,148 @@ def runtime_versions() -> dict[str, str]:
 
 # -- signing -------------------------------------------------------------------------------
 
+_EVENT_DOMAIN = b"lambdafutures/3/event\n"
+_COMPLETION_DOMAIN = b"lambdafutures/3/completion\n"
+# Signed text is a JSON list of fixed fields: compact, and the same bytes on both ends (a
+# float survives a JSON round trip exactly; dicts are written with sorted keys).
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), check_circular=False).encode
+
+
 def new_key() -> bytes:
     return os.urandom(32)
 
 
-def sign(key: bytes, data: bytes) -> str:
-    return hmac.new(key, data, hashlib.sha256).hexdigest()
+def key_object(executor: str) -> str:
+    """Where the executor's key lives in the object store (never in a message)."""
+    return f"{executor}/key"
 
 
-def verify(key: bytes, data: bytes, signature: str | None) -> bool:
-    return bool(signature) and hmac.compare_digest(sign(key, data), signature)
+def digest(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def encode_key(key: bytes) -> str:
-    return base64.b64encode(key).decode("ascii")
+def _mac(key: bytes, domain: bytes, fields: list) -> str:
+    return hmac.new(key, domain + _canonical(fields).encode(), hashlib.sha256).hexdigest()
 
 
-_last_key: tuple[str, bytes] = ("", b"")
+def _event_fields(event: dict[str, Any]) -> list:
+    host = event.get("host") or {}
+    return [event.get("v"), event.get("executor"), event.get("task"), event.get("attempt"),
+            "stored" in (event.get("payload") or {}), event.get("payload_sha256"),
+            event.get("store"), event.get("reply"), event.get("inline_limit"),
+            host.get("python"), host.get("cloudpickle"), event.get("submitted_at"),
+            event.get("timeout"), event.get("expires_at")]
 
 
-def decode_key(text: str) -> bytes:
-    global _last_key
-    # A worker sees one executor's key event after event: decode it once.
-    if _last_key[0] != text:
-        _last_key = (text, base64.b64decode(text))
-    return _last_key[1]
+def _completion_fields(message: dict[str, Any]) -> list:
+    return [message.get("v"), message.get("executor"), message.get("task"),
+            message.get("attempt"), message.get("status"),
+            "stored" in (message.get("result") or {}), message.get("result_sha256"),
+            message.get("error"), message.get("stats"), message.get("output")]
+
+
+def sign_event(key: bytes, event: dict[str, Any]) -> None:
+    event["sig"] = _mac(key, _EVENT_DOMAIN, _event_fields(event))
+
+
+def event_is_signed(key: bytes, event: dict[str, Any]) -> bool:
+    signature = event.get("sig")
+    try:
+        expected = _mac(key, _EVENT_DOMAIN, _event_fields(event))
+    except (TypeError, ValueError):
+        return False
+    return isinstance(signature, str) and hmac.compare_digest(expected, signature)
+
+
+def sign_completion(key: bytes, message: dict[str, Any]) -> dict[str, Any]:
+    message["sig"] = _mac(key, _COMPLETION_DOMAIN, _completion_fields(message))
+    return message
+
+
+def completion_is_signed(key: bytes, message: dict[str, Any]) -> bool:
+    signature = message.get("sig")
+    try:
+        expected = _mac(key, _COMPLETION_DOMAIN, _completion_fields(message))
+    except (TypeError, ValueError):
+        return False
+    return isinstance(signature, str) and hmac.compare_digest(expected, signature)
 
 
 # -- blobs ---------------------------------------------------------------------------------
+
+STORED: dict[str, bool] = {"stored": True}
+
 
 def inline_blob(data: bytes) -> dict[str, str]:
     return {"inline": base64.b64encode(data).decode("ascii")}
 
 
-def stored_blob(key: str) -> dict[str, str]:
-    return {"key": key}
-
-
-def blob_key(blob: dict[str, str]) -> str | None:
-    return blob.get("key")
+def is_stored(blob: dict[str, Any] | None) -> bool:
+    return bool(blob) and "stored" in blob
 
 
 def read_inline(blob: dict[str, str]) -> bytes:
-    return base64.b64decode(blob["inline"])
+    return base64.b64decode(blob["inline"], validate=True)
 
 
 # -- payloads ------------------------------------------------------------------------------
 # b"LFP" | flags (1 byte) | length of the function's pickle (4 bytes, big-endian) |
+# [with HAS_INITIALIZER: length of the initializer's pickle (4 bytes) | that pickle] |
 # the function's pickle | the pickle of (calls, batch).
 _PAYLOAD_MAGIC = b"LFP"
 _PAYLOAD_HEADER = struct.Struct("!3sBI")
+_LENGTH = struct.Struct("!I")
 # The host found nothing that the function captures that could change, or that a call could
 # change, so a worker may keep the function it unpickled for later payloads with the very
 # same function bytes.
 FN_REUSABLE = 1
+# The payload carries the executor's pickled (initializer, initargs): a sandbox runs it once,
+# before its first task of that executor.
+HAS_INITIALIZER = 2
 
 
-def pack_payload(fn_pickle: bytes, calls_pickle: bytes, flags: int = 0) -> bytes:
-    return b"".join((_PAYLOAD_HEADER.pack(_PAYLOAD_MAGIC, flags, len(fn_pickle)), fn_pickle,
-                     calls_pickle))
+def pack_payload(fn_pickle: bytes, calls_pickle: bytes, flags: int = 0,
+                 initializer: bytes | None = None) -> bytes:
+    parts = [b"", fn_pickle, calls_pickle]
+    if initializer is not None:
+        flags |= HAS_INITIALIZER
+        parts[1:1] = [_LENGTH.pack(len(initializer)), initializer]
+    parts[0] = _PAYLOAD_HEADER.pack(_PAYLOAD_MAGIC, flags, len(fn_pickle))
+    return b"".join(parts)
 
 
-def unpack_payload(data: bytes) -> tuple[bytes | None, int, memoryview | bytes]:
-    """(function pickle, flags, pickle of (calls, batch)); for a payload that is one pickle of
-    (fn, calls, batch), as hand-built events may carry, (None, 0, data)."""
+class Payload:
+    __slots__ = ("fn_pickle", "flags", "initializer", "calls_pickle")
+
+    def __init__(self, fn_pickle: bytes | None, flags: int, initializer: bytes | None,
+                 calls_pickle: memoryview | bytes) -> None:
+        self.fn_pickle = fn_pickle
+        self.flags = flags
+        self.initializer = initializer
+        self.calls_pickle = calls_pickle
+
+
+def unpack_payload(data: bytes) -> Payload:
+    """The parts of a payload; for one that is a single pickle of (fn, calls, batch), as
+    hand-built events may carry, fn_pickle is None and calls_pickle is all of it."""
     if data[:len(_PAYLOAD_MAGIC)] != _PAYLOAD_MAGIC:
-        return None, 0, data
+        return Payload(None, 0, None, data)
     if len(data) < _PAYLOAD_HEADER.size:
         raise ProtocolError("payload is shorter than its header")
     _, flags, size = _PAYLOAD_HEADER.unpack_from(data)
     start = _PAYLOAD_HEADER.size
+    view = memoryview(data)
+    initializer = None
+    if flags & HAS_INITIALIZER:
+        if len(data) < start + _LENGTH.size:
+            raise ProtocolError("payload is shorter than its initializer's length")
+        (init_size,) = _LENGTH.unpack_from(data, start)
+        start += _LENGTH.size
+        initializer = bytes(view[start:start + init_size])
+        start += init_size
     if len(data) < start + size:
         raise ProtocolError("payload is shorter than its function's pickle")
-    view = memoryview(data)
-    return bytes(view[start:start + size]), flags, view[start + size:]
+    return Payload(bytes(view[start:start + size]), flags, initializer, view[start + size:])
 
 
 def payload_key(executor: str, task: int) -> str:
@@ -169,33 +254,52 @@ def result_key(executor: str, task: int, attempt: int) -> str:
 
 def make_event(
     *,
+    key: bytes,
     executor: str,
     task: int,
     attempt: int,
-    payload: dict[str, str],
-    sig: str,
+    payload: dict[str, Any],
+    payload_sha256: str,
     store: str,
     reply: str,
-    key: bytes,
     timeout: float | None,
     submitted_at: float,
+    expires_at: float | None,
     limit: int,
 ) -> dict[str, Any]:
-    return {
+    event = {
         "v": VERSION,
         "executor": executor,
         "task": task,
         "attempt": attempt,
         "payload": payload,
-        "sig": sig,
+        "payload_sha256": payload_sha256,
         "store": store,
         "reply": reply,
         "inline_limit": limit,
         "host": runtime_versions(),
         "submitted_at": submitted_at,
         "timeout": timeout,
-        "key": encode_key(key),
+        "expires_at": expires_at,
     }
+    sign_event(key, event)
+    return event
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_blob(blob: Any, what: str) -> None:
+    if blob is None:
+        return
+    if not isinstance(blob, dict) or len(blob) != 1 or not (
+            blob.get("stored") is True or isinstance(blob.get("inline"), str)):
+        raise ProtocolError(f"{what} is not a blob reference")
 
 
 def check_event(event: Any) -> None:
@@ -205,45 +309,100 @@ def check_event(event: Any) -> None:
     version = event.get("v")
     if version != VERSION:
         raise ProtocolError(f"protocol version {version!r} sent, this worker speaks {VERSION}")
-    missing = [name for name in ("executor", "task", "attempt", "payload", "store", "reply",
-                                 "key", "host") if name not in event]
-    if missing:
-        raise ProtocolError(f"invoke event lacks {', '.join(missing)}")
+    if not (isinstance(event.get("executor"), str) and event["executor"].isalnum()):
+        raise ProtocolError("invoke event lacks a valid executor id")
+    if not (_is_int(event.get("task")) and _is_int(event.get("attempt"))):
+        raise ProtocolError("invoke event lacks integer task and attempt numbers")
+    for name in ("store", "reply", "payload_sha256", "sig"):
+        if not isinstance(event.get(name), str):
+            raise ProtocolError(f"invoke event lacks {name}")
+    _check_blob(event.get("payload"), "payload")
+    if event.get("payload") is None:
+        raise ProtocolError("invoke event lacks payload")
+    if not isinstance(event.get("host"), dict):
+        raise ProtocolError("invoke event lacks host")
+    for name in ("timeout", "expires_at"):
+        if event.get(name) is not None and not _is_number(event[name]):
+            raise ProtocolError(f"invoke event's {name} is not a number")
+
+
+_ERROR_FIELDS = ("kind", "type", "message", "traceback")
+
+
+def check_completion(message: Any) -> None:
+    """Raise ProtocolError unless `message` has a completion's shape (it says nothing of who
+    wrote it: `completion_is_signed` does)."""
+    if not isinstance(message, dict):
+        raise ProtocolError(f"completion is a {type(message).__name__}, not an object")
+    if message.get("v") != VERSION:
+        raise ProtocolError(f"completion of protocol version {message.get('v')!r}")
+    if not isinstance(message.get("executor"), str):
+        raise ProtocolError("completion lacks an executor id")
+    if not (_is_int(message.get("task")) and _is_int(message.get("attempt"))):
+        raise ProtocolError("completion lacks integer task and attempt numbers")
+    status = message.get("status")
+    if status not in ("ok", "error"):
+        raise ProtocolError(f"completion status {status!r}")
+    _check_blob(message.get("result"), "result")
+    if message.get("result") is not None and not isinstance(message.get("result_sha256"), str):
+        raise ProtocolError("completion's result has no hash")
+    error = message.get("error")
+    if status == "ok" and message.get("result") is None:
+        raise ProtocolError("ok completion without a result")
+    if status == "error" and not (isinstance(error, dict) and all(
+            isinstance(error.get(name), str) for name in _ERROR_FIELDS)
+            and error["kind"] in ERROR_KINDS):
+        raise ProtocolError("error completion without a valid error")
+    if not isinstance(message.get("stats"), dict):
+        raise ProtocolError("completion lacks stats")
+    if message.get("output") is not None and not isinstance(message["output"], str):
+        raise ProtocolError("completion's output is not text")
+    if not isinstance(message.get("sig"), str):
+        raise ProtocolError("completion is not signed")
 
 
 def make_completion(
     event: dict[str, Any],
+    key: bytes,
     *,
     status: str,
     stats: dict[str, Any],
-    result: dict[str, str] | None = None,
-    sig: str | None = None,
+    result: dict[str, Any] | None = None,
+    result_sha256: str | None = None,
     error: dict[str, str] | None = None,
+    output: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    return sign_completion(key, {
         "v": VERSION,
         "executor": event["executor"],
         "task": event["task"],
         "attempt": event["attempt"],
         "status": status,
         "result": result,
-        "sig": sig,
+        "result_sha256": result_sha256,
         "error": error,
         "stats": stats,
-    }
+        "output": output,
+    })
 
 
 def error_info(kind: str, type_name: str, message: str, traceback_text: str = "") -> dict:
     return {"kind": kind, "type": type_name, "message": message, "traceback": traceback_text}
 
 
-def failure_completion(event: dict[str, Any], kind: str, message: str,
+def failure_completion(event: dict[str, Any], key: bytes, kind: str, message: str,
                        stats: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A completion written on the worker's behalf by whoever saw it fail (the local
-    supervisor, or the host reading Lambda's failure destination)."""
-    return make_completion(
-        event,
-        status="error",
-        stats=stats or {"reported_at": time.time()},
-        error=error_info(kind, kind, message),
-    )
+    """A signed completion for an attempt that failed in the worker's own machinery."""
+    return make_completion(event, key, status="error",
+                           stats=stats or {"reported_at": time.time()},
+                           error=error_info(kind, kind, message))
+
+
+# Kinds a hint may carry: what the platform (Lambda, the local supervisor) can see.
+HINT_KINDS = (TIMEOUT, CRASH, NOT_RUN, PROTOCOL)
+
+
+def make_hint(event: Any, kind: str, message: str) -> dict[str, Any]:
+    """What the platform reports about an event it ran (or dropped): unsigned, so the host
+    checks `event` against its own signature and the attempt's state before using it."""
+    return {"hint": kind, "message": message, "event": event}

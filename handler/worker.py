@@ -47,6 +47,18 @@ def handle(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     cold = _invocations == 0
     _invocations += 1
     protocol.check_event(event)
+    # A fresh sandbox makes its AWS clients now, before the task's time limit starts:
+    # importing boto3 and building a client takes about a second, and a trivial task on a
+    # cold sandbox must not be reported as having run past a short timeout.
+    store = open_store(event["store"])
+    if event["reply"].startswith(("https://", "http://")):
+        aws_client("sqs")
+    key = _key_for(event["executor"], store)
+    if not protocol.event_is_signed(key, event):
+        # No reply: whoever sent this cannot be told apart from an attacker, and a signed
+        # error would let them end a real task. The platform records the failure.
+        raise protocol.ProtocolError("invoke event's signature does not match its "
+                                     "executor's key; not running it")
 
     stats: dict[str, Any] = {
         "job_start": job_start,
@@ -55,16 +67,20 @@ def handle(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         "request_id": getattr(context, "aws_request_id", None),
         "memory_limit_mb": _memory_limit_mb(context),
     }
-    # A fresh sandbox makes its AWS clients now, before the task's time limit starts:
-    # importing boto3 and building a client takes about a second, and a trivial task on a
-    # cold sandbox must not be reported as having run past a short timeout.
-    open_store(event["store"])
-    if event["reply"].startswith(("https://", "http://")):
-        aws_client("sqs")
-    watchdog = _TimeoutWatchdog(event, context, stats)
+    expires_at = event.get("expires_at")
+    if expires_at is not None and job_start > expires_at:
+        # It waited in the platform's queue past the point where the host stopped counting
+        # on it: the host runs it again elsewhere, so running it here would run it twice.
+        _finish_stats(stats)
+        send_reply(event["reply"], protocol.failure_completion(
+            event, key, protocol.NOT_RUN,
+            f"the event waited {job_start - event['submitted_at']:.1f} s before a sandbox "
+            f"took it, past its expiry; not run", stats))
+        return {"task": event["task"], "status": "expired"}
+    watchdog = _TimeoutWatchdog(event, context, stats, key)
     watchdog.start()
     try:
-        completion = _run(event, stats)
+        completion = _run(event, stats, store, key)
     finally:
         timed_out = watchdog.cancel()
     if timed_out:
@@ -75,11 +91,13 @@ def handle(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     return {"task": event["task"], "status": completion["status"]}
 
 
-def _run(event: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+def _run(event: dict[str, Any], stats: dict[str, Any], store: Any,
+         key: bytes) -> dict[str, Any]:
+    global _initialized
     def failed(kind: str, type_name: str, message: str, tb: str = "", result=None, sig=None):
         _finish_stats(stats)
         return protocol.make_completion(
-            event, status="error", stats=stats, result=result, sig=sig,
+            event, key, status="error", stats=stats, result=result, result_sha256=sig,
             error=protocol.error_info(kind, type_name, _clip(message, _MESSAGE_CHARS),
                                       _clip(tb, _TRACEBACK_CHARS)))
 
@@ -92,33 +110,42 @@ def _run(event: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
             f"{theirs.get('cloudpickle')}, worker runs Python {mine['python']} with "
             f"cloudpickle {mine['cloudpickle']}")
 
-    key = protocol.decode_key(event["key"])
-    store = open_store(event["store"])
     blob = event["payload"]
-    stored = protocol.blob_key(blob)
-    data = store.get(stored) if stored else protocol.read_inline(blob)
-    if not protocol.verify(key, data, event.get("sig")):
+    if protocol.is_stored(blob):
+        data = store.get(protocol.payload_key(event["executor"], event["task"]))
+    else:
+        data = protocol.read_inline(blob)
+    if protocol.digest(data) != event["payload_sha256"]:
         return failed(protocol.SIGNATURE, "SignatureMismatch",
-                      "payload signature does not match; refusing to unpickle it")
+                      "payload does not match its signed hash; refusing to unpickle it")
     try:
-        fn, calls, batch = _load_payload(data)
+        fn, calls, batch, initializer = _load_payload(data)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported, not raised
         return failed(protocol.SERIALIZATION, type(exc).__name__,
                       f"payload cannot be unpickled on the worker: {exc!r}",
                       traceback.format_exc())
+    if initializer is not None:
+        try:
+            init, initargs = cloudpickle.loads(initializer)
+            init(*initargs)
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+            return failed(protocol.INITIALIZER, _qualified_name(type(exc)),
+                          f"the executor's initializer failed: {_describe(exc)}",
+                          _clip("".join(traceback.format_exception(type(exc), exc,
+                                                                   exc.__traceback__)),
+                                _TRACEBACK_CHARS))
+        _initialized = True
     stats["setup_done"] = time.time()
 
     try:
         results = [fn(*args, **kwargs) for args, kwargs in calls]
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything
         stats["job_done"] = time.time()
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        tb = _clip(tb, _TRACEBACK_CHARS)
-        message = _clip(_describe(exc), _MESSAGE_CHARS)
-        try:
-            pickled = cloudpickle.dumps(exc)
-        except Exception:  # noqa: BLE001 - the text form below still reaches the host
-            pickled = None
+        from . import exceptions  # the exception's text and pickle (or rebuild recipe)
+
+        tb = _clip(exceptions.format_traceback(exc), _TRACEBACK_CHARS)
+        message = _clip(exceptions.describe(exc), _MESSAGE_CHARS)
+        pickled = exceptions.pickle_exception(exc)
         result, sig = (None, None)
         if pickled is not None:
             # The texts travel in the same queue message as an inline blob: leave them room.
@@ -134,21 +161,47 @@ def _run(event: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
         return failed(protocol.SERIALIZATION, type(exc).__name__,
                       f"result of type {_qualified_name(type(value))} cannot be pickled: "
                       f"{exc}", traceback.format_exc())
-    result, sig = _store_blob(event, store, key, pickled)
+    result, sha256 = _store_blob(event, store, key, pickled)
     _finish_stats(stats)
-    return protocol.make_completion(event, status="ok", stats=stats, result=result, sig=sig)
+    return protocol.make_completion(event, key, status="ok", stats=stats, result=result,
+                                    result_sha256=sha256)
 
 
 # Functions from payloads flagged FN_REUSABLE, by the bytes of their pickle: a warm worker
-# skips rebuilding a function it already has, as a warm sandbox keeps its imports.
+# skips rebuilding a function it already has, as a warm sandbox keeps its imports. Only the
+# current executor's: see `_key_for`.
 _functions: dict[bytes, Any] = {}
 _FUNCTIONS_KEPT = 64
+# The key of the executor whose events this sandbox runs now, read from the object store.
+_current_key: tuple[str, bytes] = ("", b"")
+# Whether the current executor's initializer has run in this sandbox.
+_initialized = False
 
 
-def _load_payload(data: bytes) -> tuple[Any, list, bool]:
-    fn_pickle, flags, rest = protocol.unpack_payload(data)
+def _key_for(executor: str, store: Any) -> bytes:
+    """The executor's signing key, read once per executor per sandbox. When another
+    executor's event arrives, everything kept for the previous one goes: its key and its
+    unpickled functions (with their closures and globals), so one executor's task cannot
+    reach another's data through a warm sandbox."""
+    global _current_key, _initialized
+    if _current_key[0] != executor:
+        _functions.clear()
+        _initialized = False
+        _current_key = ("", b"")
+        key = store.get(protocol.key_object(executor))
+        if len(key) != 32:
+            raise protocol.ProtocolError(f"executor {executor}'s key object is malformed")
+        _current_key = (executor, key)
+    return _current_key[1]
+
+
+def _load_payload(data: bytes) -> tuple[Any, list, bool, bytes | None]:
+    """(function, calls, batch, the initializer's pickle if it has yet to run here)."""
+    payload = protocol.unpack_payload(data)
+    fn_pickle, flags, rest = payload.fn_pickle, payload.flags, payload.calls_pickle
     if fn_pickle is None:
-        return cloudpickle.loads(data)
+        return (*cloudpickle.loads(data), None)
+    initializer = None if _initialized else payload.initializer
     reusable = flags & protocol.FN_REUSABLE
     fn = _functions.get(fn_pickle) if reusable else None
     # A call that gave its function an attribute changed it: the next task gets a fresh one.
@@ -159,18 +212,19 @@ def _load_payload(data: bytes) -> tuple[Any, list, bool]:
                 _functions.clear()
             _functions[fn_pickle] = fn
     calls, batch = cloudpickle.loads(rest)
-    return fn, calls, batch
+    return fn, calls, batch, initializer
 
 
 def _store_blob(event, store, key: bytes, data: bytes, room: int = 0):
+    """(blob reference, SHA-256 of `data`): inline if it fits, else in the store under the
+    key both ends compute. `key` is unused: the completion's signature covers the hash."""
     limit = event.get("inline_limit", protocol.DEFAULT_INLINE_LIMIT) - room
     if protocol.fits_inline(len(data), limit):
         blob = protocol.inline_blob(data)
     else:
-        object_key = protocol.result_key(event["executor"], event["task"], event["attempt"])
-        store.put(object_key, data)
-        blob = protocol.stored_blob(object_key)
-    return blob, protocol.sign(key, data)
+        store.put(protocol.result_key(event["executor"], event["task"], event["attempt"]), data)
+        blob = dict(protocol.STORED)
+    return blob, protocol.digest(data)
 
 
 def _finish_stats(stats: dict[str, Any]) -> None:
@@ -226,7 +280,9 @@ class _TimeoutWatchdog:
     means a runaway call stops costing money and cannot report a result later (Lambda
     starts a fresh sandbox for the next event, the local pool a fresh process)."""
 
-    def __init__(self, event: dict[str, Any], context: Any, stats: dict[str, Any]) -> None:
+    def __init__(self, event: dict[str, Any], context: Any, stats: dict[str, Any],
+                 key: bytes) -> None:
+        self._key = key
         self._fired = False
         self._finished = False
         self._lock = threading.Lock()
@@ -266,7 +322,7 @@ class _TimeoutWatchdog:
         stats = dict(self._stats, reported_at=time.time())
         try:
             send_reply(self._event["reply"], protocol.failure_completion(
-                self._event, protocol.TIMEOUT,
+                self._event, self._key, protocol.TIMEOUT,
                 f"task ran longer than its {self._limit:g} s limit; its worker was stopped",
                 stats))
         finally:

@@ -1,11 +1,20 @@
 """LambdaExecutor: a concurrent.futures.Executor whose workers are Lambda sandboxes.
 
 submit() pickles the call in the caller's thread (so a pickling error is raised right
-there), enters the task in the table and, when a slot is free, hands it to an invoker
-thread. One completion thread reads the backend's CompletionQueue, ends futures, retries
-crashed or timed-out tasks when asked to, and passes each freed slot to the next pending
-task. It is the only place where breakage becomes errors: if it dies, every unfinished
-future gets BrokenExecutor, and so does every later submit.
+there) and hands the task to the executor's scheduler (scheduler.py), which launches it when
+a slot is free; one completion thread (completion.py) ends futures. The executor itself is a
+thin front: nothing of the scheduler's refers back to it, so an executor that its user drops
+is collected like the stdlib's, and its scheduler then finishes the work in flight and
+closes its workers.
+
+Where this differs from ProcessPoolExecutor, on purpose:
+- A task handed to a worker is running and can no longer be cancelled. On the local
+  backend each busy worker is also handed its next task (`prefetch`), so that it goes on
+  without waiting for the host, as ProcessPoolExecutor queues EXTRA_QUEUED_CALLS: those
+  tasks, too, report running() and cannot be cancelled.
+- A dead worker fails only the task it was running (WorkerCrashed), not the whole pool.
+- The initializer runs once per sandbox (before the sandbox's first task of this executor);
+  if it raises, the executor breaks, as ProcessPoolExecutor's pool does.
 """
 
 from __future__ import annotations
@@ -13,58 +22,74 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
-import queue
+import sys
 import threading
 import time
 import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import BrokenExecutor, Executor, Future, InvalidStateError
+from concurrent.futures import Executor, Future
 from typing import Any
 
-from lambdafutures_handler import protocol
-
-from . import completion, config, errors, serialize
+from . import config, scheduler, serialize
 from .backends.base import Backend
-from .observe import stats as task_stats
-from .speculation import Speculation, StragglerWatch
-from .tasks import Task, TaskTable
+from .speculation import Speculation
 
 log = logging.getLogger("lambdafutures")
 
 # Lambda's hard limit on a function's timeout.
 LAMBDA_MAX_TIMEOUT_S = 900
-_RECEIVE_BATCH = 10
-_LOOP_WAIT_S = 0.05
+# How long an event may wait in Lambda's async queue (account or function concurrency
+# exhausted) before the worker drops it unrun and the host launches it again.
+DEFAULT_QUEUE_EXPIRY_S = 600.0
 
-# Stands in for an inline payload that was sent and dropped.
-_SENT: dict[str, str] = {}
+_interrupted = False
 
-_live: weakref.WeakSet[LambdaExecutor] = weakref.WeakSet()
+
+def _note_interrupt(hook: Callable[..., Any]) -> Callable[..., Any]:
+    def excepthook(exc_type, exc, tb):  # noqa: ANN001 - sys.excepthook's signature
+        global _interrupted
+        if issubclass(exc_type, KeyboardInterrupt):
+            _interrupted = True
+        hook(exc_type, exc, tb)
+    return excepthook
 
 
 def _at_exit() -> None:
-    # Like the standard executors, let submitted work finish before the interpreter exits;
-    # this also closes worker processes and removes temporary objects.
-    for executor in list(_live):
-        executor.shutdown(wait=True)
+    # Like the standard executors, let submitted work finish before the interpreter exits,
+    # unless the program is ending on Ctrl-C: then stop at once, as inside a `with` block.
+    for work in list(scheduler.live):
+        try:
+            if _interrupted:
+                raise KeyboardInterrupt
+            work.shutdown(wait=True, cancel_futures=False)
+        except KeyboardInterrupt:
+            log.warning("interrupted: stopping executor %s and its running tasks", work.id)
+            work.abandon("interrupted (KeyboardInterrupt) before this task ended")
 
 
 atexit.register(_at_exit)
+sys.excepthook = _note_interrupt(sys.excepthook)
 
 
 class LambdaExecutor(Executor):
     """Runs calls on AWS Lambda (or in local Lambda-like worker processes).
 
     Args:
-        max_workers: tasks in flight at once; None means the CPU count locally, 1000 on AWS.
+        max_workers: tasks in flight at once; None means the CPU count locally, and on AWS
+            the concurrency the function can have (its reserved concurrency, else the
+            account's unreserved), at most 1000.
         backend: "local" or "aws"; None means $LAMBDAFUTURES_BACKEND, else the deployment
             config written by `lambdafutures deploy`, else "local".
         timeout: per-task time limit in seconds (the Lambda function timeout on AWS).
         retries: how many times to re-run a task whose worker crashed or timed out. A task
             whose function raised is never retried.
         speculation: opt-in backup attempts for stragglers (see `Speculation`).
+        initializer, initargs: as for the stdlib executors: `initializer(*initargs)` runs
+            in each sandbox before its first task of this executor.
+        queue_expiry: seconds an event may wait in Lambda's queue before it is dropped unrun
+            and launched again (AWS only; default 600).
         **backend_options: passed to the backend (see README).
     """
 
@@ -76,48 +101,65 @@ class LambdaExecutor(Executor):
         timeout: float | None = None,
         retries: int = 0,
         speculation: Speculation | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        queue_expiry: float | None = DEFAULT_QUEUE_EXPIRY_S,
         **backend_options: Any,
     ) -> None:
-        if max_workers is not None and max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds")
+        # Checked here, by name: a wrong type would otherwise fail deep inside a backend.
+        def whole(name: str, value: Any) -> int:
+            if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__} "
+                                f"({value!r})")
+            return value.__index__()
+
+        if max_workers is not None:
+            max_workers = whole("max_workers", max_workers)
+            if max_workers <= 0:
+                raise ValueError(f"max_workers must be greater than 0, got {max_workers}")
+        if timeout is not None:
+            if isinstance(timeout, bool) or not hasattr(type(timeout), "__float__"):
+                raise TypeError(f"timeout must be a number of seconds or None, not "
+                                f"{type(timeout).__name__} ({timeout!r})")
+            timeout = float(timeout)
+            if not 0 < timeout < float("inf"):
+                raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        retries = whole("retries", retries)
         if retries < 0:
-            raise ValueError("retries must be 0 or more")
+            raise ValueError(f"retries must be 0 or more, got {retries}")
         name, deployment = config.resolve_backend(backend)
         if name == "aws" and timeout is not None and timeout > LAMBDA_MAX_TIMEOUT_S:
             raise ValueError(f"timeout {timeout:g} s exceeds Lambda's limit of "
                              f"{LAMBDA_MAX_TIMEOUT_S} s")
-        self._id = uuid.uuid4().hex[:16]
-        self._key = protocol.new_key()
-        self._timeout = timeout
-        self._retries = retries
-        self._backend = _open_backend(name, max_workers, timeout, self._id, deployment,
-                                      backend_options)
-        self._max_workers = max_workers or self._backend.default_max_workers
-        # max_workers tasks run at once; `prefetch` more may wait at busy workers, cancellable.
-        self._table = TaskTable(self._max_workers + self._backend.prefetch)
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if queue_expiry is not None and not queue_expiry > 0:
+            raise ValueError("queue_expiry must be a positive number of seconds, or None")
+        executor_id = uuid.uuid4().hex[:16]
+        self._init = (None if initializer is None
+                      else serialize.dumps_initializer(initializer, tuple(initargs)))
+        opened = _open_backend(name, max_workers, timeout, executor_id, deployment,
+                               backend_options)
+        self._max_workers = max_workers or opened.default_max_workers
+        limit = opened.concurrency_limit
+        if limit is not None and max_workers is not None and max_workers > limit:
+            log.warning("max_workers=%d exceeds the %d concurrent executions the function can "
+                        "have; the rest wait in Lambda's queue (see queue_expiry)",
+                        max_workers, limit)
         self._ids = itertools.count()
-        self._shutdown = False
-        self._broken: str | None = None
-        self._state_lock = threading.Lock()
-        self._launches: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
-        self._inline = threading.local()
-        self._stale_keys: list[str] = []
-        self._stragglers = StragglerWatch(speculation) if speculation else None
-        self._invokers = [
-            threading.Thread(target=self._invoke_loop, name=f"lambdafutures-invoker-{n}",
-                             daemon=True)
-            for n in range(self._backend.invoke_threads)
-        ]
-        for thread in self._invokers:
-            thread.start()
-        self._completer = threading.Thread(target=self._completion_loop,
-                                           name="lambdafutures-completion", daemon=True)
-        self._completer.start()
-        _live.add(self)
+        try:
+            self._scheduler = scheduler.Scheduler(
+                opened, executor_id, max_workers=self._max_workers, timeout=timeout,
+                retries=retries, speculation=speculation,
+                queue_expiry=queue_expiry if opened.platform_queue else None)
+        except BaseException:
+            opened.close()
+            raise
+        # Shuts the scheduler down when this executor is collected (its threads refer to the
+        # scheduler only); the interpreter's exit is handled by _at_exit instead.
+        weakref.finalize(self, self._scheduler.shutdown, False, False).atexit = False
         log.info("executor %s started: backend %s, max_workers %d, timeout %s, retries %d",
-                 self._id, name, self._max_workers, timeout, retries)
+                 executor_id, name, self._max_workers, timeout, retries)
 
     @property
     def max_workers(self) -> int:
@@ -125,7 +167,7 @@ class LambdaExecutor(Executor):
 
     @property
     def backend(self) -> str:
-        return self._backend.name
+        return self._scheduler.backend.name
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -134,26 +176,14 @@ class LambdaExecutor(Executor):
 
     def _submit(self, fn: Callable[..., Any], calls: list[tuple[tuple, dict]],
                 batch: bool) -> Future:
-        self._check_open()
+        self._scheduler.check_open()
         if not callable(fn):
             raise TypeError(f"{type(fn).__name__!r} object is not callable")
-        payload = serialize.dumps_call(fn, calls, batch)
+        payload = serialize.dumps_call(fn, calls, batch, self._init)
         future: Future = Future()
-        task = Task(next(self._ids), future, payload, len(calls), batch, self._retries)
-        with self._state_lock:
-            self._check_open()
-            start = self._table.add(task)
-            if self._stragglers is not None:
-                self._stragglers.submitted += 1
-        if start:
-            self._start(task)
+        self._scheduler.submit(self._scheduler.new_task(next(self._ids), future, payload,
+                                                        len(calls), batch))
         return future
-
-    def _check_open(self) -> None:
-        if self._broken:
-            raise BrokenExecutor(self._broken)
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
 
     def map(
         self,
@@ -199,262 +229,17 @@ class LambdaExecutor(Executor):
 
         return results()
 
-    # -- invoking -----------------------------------------------------------------------------
-
-    def _start(self, task: Task) -> None:
-        """Launch a task that has a slot: through the invoker threads or, for a backend whose
-        invoke never blocks (invoke_threads == 0), right here, which saves a thread hop per
-        task. A failed launch frees its slot for the next task; that one is queued for the
-        loop below rather than launched by recursion."""
-        if self._invokers:
-            self._launches.put(task)
-            return
-        batch = getattr(self._inline, "batch", None)
-        if batch is not None:
-            batch.append(task)
-            return
-        self._inline.batch = batch = deque((task,))
-        try:
-            while batch:
-                self._launch(batch.popleft())
-        finally:
-            self._inline.batch = None
-
-    def _invoke_loop(self) -> None:
-        while True:
-            task = self._launches.get()
-            if task is None:
-                return
-            self._launch(task)
-            del task  # while idle, hold no task: its future (and result) may be dropped
-
-    def _launch(self, task: Task) -> None:
-        if task.attempt == 0:
-            try:
-                if not task.future.set_running_or_notify_cancel():
-                    self._end(task)
-                    return
-            except RuntimeError:
-                return  # it has ended already: the executor broke while it waited to launch
-        attempt = task.attempt
-        try:
-            event = self._event_for(task)
-            task.invoked_at = time.time()
-            self._backend.invoker.invoke(event)
-            limit = self._timeout or self._backend.sandbox_timeout
-            if limit is not None:
-                # From when the invoke returned: time spent retrying the invoke itself is not
-                # the task's. A task handed to a busy local worker may first wait for that
-                # worker's current one.
-                wait = limit if self._backend.prefetch else 0.0
-                self._table.set_deadline(task, attempt, time.monotonic() + wait + limit
-                                         + self._backend.deadline_margin)
-            if (task.retries_left == 0 and self._stragglers is None and task.blob is not None
-                    and protocol.blob_key(task.blob) is None):
-                # Nothing will invoke this task again, so its inline payload need not stay
-                # in memory (a third of a task's footprint with 100,000 in flight).
-                task.blob, task.sig = _SENT, ""
-        except Exception as exc:  # noqa: BLE001 - every failure ends this future, typed
-            failure = errors.InvocationFailed(f"task {task.id} could not be invoked: "
-                                              f"{type(exc).__name__}: {exc}")
-            failure.__cause__ = exc
-            self._settle(task, attempt, completion.Outcome(exception=failure))
-
-    def _event_for(self, task: Task) -> dict[str, Any]:
-        if task.blob is None:
-            data = task.payload
-            assert data is not None
-            task.sig = protocol.sign(self._key, data)
-            if protocol.fits_inline(len(data), self._backend.inline_limit):
-                task.blob = protocol.inline_blob(data)
-            else:
-                object_key = protocol.payload_key(self._id, task.id)
-                self._backend.store.put(object_key, data)
-                task.blob = protocol.stored_blob(object_key)
-            task.payload = None
-        return protocol.make_event(
-            executor=self._id, task=task.id, attempt=task.attempt, payload=task.blob,
-            sig=task.sig, store=self._backend.store.url, reply=self._backend.reply_url,
-            key=self._key, timeout=self._timeout, submitted_at=task.submitted_at,
-            limit=self._backend.inline_limit)
-
-    # -- completing -----------------------------------------------------------------------------
-
-    def _completion_loop(self) -> None:
-        completions = self._backend.completions
-        try:
-            while not (self._shutdown and len(self._table) == 0):
-                messages = completions.receive(_RECEIVE_BATCH, _LOOP_WAIT_S)
-                for message in messages:
-                    self._complete(message)
-                if messages:
-                    completions.ack(messages)
-                for task, attempt in self._table.expired(time.monotonic()):
-                    self._settle(task, attempt, completion.Outcome(
-                        exception=errors.TaskTimeout(
-                            f"task {task.id} reported nothing within its time limit plus "
-                            f"{self._backend.deadline_margin:g} s"),
-                        retryable=True))
-                if self._stragglers is not None:
-                    self._speculate()
-                self._delete_stale_objects()
-        except BaseException as exc:  # noqa: BLE001 - becomes BrokenExecutor for everyone
-            log.exception("lambdafutures completion thread failed")
-            self._break(f"the completion thread failed: {type(exc).__name__}: {exc}")
-        finally:
-            self._close()
-
-    def _complete(self, message: dict[str, Any]) -> None:
-        if message.get("executor") != self._id:
-            log.debug("ignoring a completion for executor %s", message.get("executor"))
-            return
-        task = self._table.current(message.get("task"), message.get("attempt"))
-        if task is None:
-            log.debug("ignoring a duplicate or stale completion: task %s attempt %s",
-                      message.get("task"), message.get("attempt"))
-            return
-        if not completion.is_final(message):
-            result = completion.outcome(message, self._backend.store, self._key)
-            self._settle(task, message["attempt"], result, message)
-            return
-        # Whatever its result holds, this completion ends the task: pass its slot on first,
-        # so that the next task runs while this result is read, checked and unpickled
-        # (which takes a while when it is large).
-        self._end(task)
-        try:
-            result = completion.outcome(message, self._backend.store, self._key)
-        except BaseException as exc:  # the task has left the table: end its future here
-            result = completion.Outcome(exception=BrokenExecutor(
-                f"the completion thread failed: {type(exc).__name__}: {exc}"))
-            self._finish(task, message["attempt"], result, message)
-            raise
-        self._stale_keys.extend(result.stored_keys)
-        self._finish(task, message["attempt"], result, message)
-
-    def _speculate(self) -> None:
-        assert self._stragglers is not None
-        for task in self._stragglers.stragglers(self._table.running()):
-            with self._table.lock:
-                if task.id not in self._table.tasks or task.other_live is not None:
-                    continue
-                task.speculated = True
-                task.other_live = task.attempt
-                task.attempt += 1
-            log.info("task %d has run %.1f s; starting a backup attempt %d", task.id,
-                     time.time() - (task.invoked_at or time.time()), task.attempt)
-            self._start(task)
-
-    def _settle(self, task: Task, attempt: int, result: completion.Outcome,
-                message: dict[str, Any] | None = None) -> None:
-        """End one attempt of a task: wait for its twin, retry it, or end its future."""
-        self._stale_keys.extend(result.stored_keys)
-        if result.retryable:
-            with self._table.lock:
-                twin_runs = task.other_live is not None
-                if twin_runs:
-                    # One of two racing attempts died; the other may still finish.
-                    if attempt == task.other_live:
-                        task.other_live = None
-                    else:
-                        task.attempt, task.other_live = task.other_live, None
-            if twin_runs:
-                return
-        if result.retryable and task.retries_left > 0 and not self._broken:
-            log.warning("task %d attempt %d failed (%s); retrying", task.id, task.attempt,
-                        result.exception)
-            with self._table.lock:
-                task.retries_left -= 1
-                task.attempt += 1
-            self._start(task)
-            return
-        self._finish(task, attempt, result, message)
-        self._end(task)
-
-    def _finish(self, task: Task, attempt: int, result: completion.Outcome,
-                message: dict[str, Any] | None) -> None:
-        """Record a task's stats and end its future with `result`."""
-        if self._stragglers is not None:
-            self._stragglers.finished_in(
-                None if result.exception is not None or task.invoked_at is None
-                else time.time() - task.invoked_at)
-        task_stats.attach(task.future, task_stats.from_message(
-            task=task.id, attempt=attempt, calls=task.calls,
-            host_submit=task.submitted_at, invoked=task.invoked_at, received=time.time(),
-            status="ok" if result.exception is None else "error",
-            worker=(message or {}).get("stats")))
-        try:
-            if result.exception is None:
-                task.future.set_result(result.value)
-            else:
-                task.future.set_exception(result.exception)
-        except InvalidStateError:
-            pass  # the executor broke while this task ended; the future already has an end
-
-    def _end(self, task: Task) -> None:
-        if task.blob is not None and protocol.blob_key(task.blob):
-            self._stale_keys.append(protocol.blob_key(task.blob))
-        nxt = self._table.end(task)
-        if nxt is not None:
-            self._start(nxt)
-
-    def _delete_stale_objects(self) -> None:
-        if self._stale_keys:
-            keys, self._stale_keys = self._stale_keys, []
-            try:
-                self._backend.store.delete(keys)
-            except Exception:  # noqa: BLE001 - leftovers expire by lifecycle rule / gc
-                log.warning("could not delete %d task objects", len(keys), exc_info=True)
-
-    def _break(self, reason: str) -> None:
-        with self._state_lock:
-            self._broken = reason
-        for task in self._table.take_all():
-            try:
-                task.future.set_exception(BrokenExecutor(reason))
-            except InvalidStateError:
-                pass  # cancelled or already ended
-
-    def _close(self) -> None:
-        for _ in self._invokers:
-            self._launches.put(None)
-        for thread in self._invokers:
-            if thread is not threading.current_thread():
-                thread.join()
-        self._delete_stale_objects()
-        self._backend.close()
-        _live.discard(self)
-        log.info("executor %s closed", self._id)
-
     # -- shutting down ------------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._state_lock:
-            self._shutdown = True
-        if cancel_futures:
-            self._cancel_waiting()
-        if wait and self._completer is not threading.current_thread():
-            self._completer.join()
+        self._scheduler.shutdown(wait, cancel_futures)
 
     def __exit__(self, exc_type, exc_value, traceback) -> bool:
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            self._abandon("interrupted (KeyboardInterrupt) before this task ended")
+            self._scheduler.abandon("interrupted (KeyboardInterrupt) before this task ended")
             return False
         self.shutdown(wait=True)
         return False
-
-    def _abandon(self, reason: str) -> None:
-        """Stop at once: cancel what waits, end what runs with BrokenExecutor, stop workers."""
-        with self._state_lock:
-            self._shutdown = True
-        self._cancel_waiting()
-        self._break(reason)
-        self._completer.join()
-
-    def _cancel_waiting(self) -> None:
-        """Cancel every task that has not been handed to a worker."""
-        for task in self._table.cancel_pending():
-            if task.future.cancel():
-                task.future.set_running_or_notify_cancel()  # so wait() counts it done
 
 
 def _result_or_cancel(future: Future, end_time: float | None) -> Any:

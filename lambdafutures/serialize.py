@@ -1,8 +1,27 @@
 """Pickling of calls and results: cloudpickle, signatures, and local modules by value.
 
-A function from a module that the worker cannot import (a script's sibling file, a notebook
-helper, a package under development that is not installed) is pickled by value; modules
-from site-packages and the standard library go by reference, as cloudpickle does by default.
+The one rule for the user's own code: while a payload is pickled, every module, function
+and class met on the way whose top-level package the worker could not import by name (its
+file lies outside the standard library and site-packages; lambdafutures and cloudpickle
+excepted) has that whole top-level package registered to go by value, before cloudpickle
+decides how to pickle the object. It is met however the submitted function reaches it: a
+global name bound to the module (`import mylib` ... `mylib.double(x)`), a name imported
+from it (`from mylib import double`), an attribute chain (`mylib.sub.f`), a class and the
+globals of its methods, default arguments, closure cells, nested functions (their globals
+are the enclosing function's), a functools.partial, a bound method, or the class of an
+argument. So it holds on the first submit, in any order, for a script's sibling module, a
+package under development, and a module imported from a notebook's directory. Modules from
+site-packages and the standard library go by reference, as cloudpickle does by default;
+`ship_by_value` overrides the rule either way. What the rule cannot see is an `import`
+statement run inside the task: the worker imports that name itself.
+
+Code pickled by value keeps its real file name (cloudpickle would write "<dynamic-code>"),
+so that remote tracebacks name the user's file and line; the host adds the source lines
+(lambdafutures.remote).
+
+When a call cannot be pickled, SerializationError names the part that failed: the
+positional argument's index or the keyword's name, or the global, closure variable or
+default of the function (and the attribute inside it), with the offending type.
 
 A payload holds the function's pickle apart from the calls' (protocol.pack_payload). A plain
 function's pickle is kept and reused for later tasks as long as everything it captures (the
@@ -12,8 +31,11 @@ pickling a function by value (one in `__main__`, say) costs far more than a no-o
 
 from __future__ import annotations
 
+import builtins
 import dis
+import functools
 import io
+import logging
 import operator
 import os
 import site
@@ -27,9 +49,12 @@ from typing import Any
 
 import cloudpickle
 
+from lambdafutures_handler import exceptions as worker_exceptions
 from lambdafutures_handler import protocol
 
 from .errors import SerializationError
+
+log = logging.getLogger("lambdafutures")
 
 _registered: set[str] = set()
 _decided: dict[str, bool] = {}
@@ -60,10 +85,17 @@ def _is_local(module_name: str) -> bool:
         return False
     module = sys.modules.get(top)
     path = getattr(module, "__file__", None)
-    if path is None:
-        return False  # built-in, frozen or namespace package: importable by name
+    if path is not None:
+        return not _is_installed(path)
+    # A namespace package (a directory without __init__.py) is local when all its
+    # directories are; a built-in or frozen module has none and is importable by name.
+    directories = list(getattr(module, "__path__", None) or ())
+    return bool(directories) and not any(map(_is_installed, directories))
+
+
+def _is_installed(path: str) -> bool:
     real = os.path.realpath(path)
-    return not any(real.startswith(root + os.sep) for root in _INSTALLED_ROOTS)
+    return any(real == root or real.startswith(root + os.sep) for root in _INSTALLED_ROOTS)
 
 
 def ship_by_value(module_names: Iterable[str], exclude: Iterable[str] = ()) -> None:
@@ -88,8 +120,11 @@ def _register(top: str) -> None:
 
 
 def _ship_local_modules(fn: Any) -> None:
-    name = getattr(fn, "__module__", None) or getattr(type(fn), "__module__", None)
-    if not name:
+    if type(fn) is types.ModuleType:
+        name = fn.__name__
+    else:
+        name = getattr(fn, "__module__", None) or getattr(type(fn), "__module__", None)
+    if not isinstance(name, str) or not name:
         return
     top = name.partition(".")[0]
     if top in _decided:
@@ -103,18 +138,94 @@ def _ship_local_modules(fn: Any) -> None:
 
 
 class _Pickler(cloudpickle.Pickler):
-    """cloudpickle's Pickler that ships by value the not-installed module of every function
-    and class it meets (a partial's function, an argument's class), not only the module of
-    the submitted function: the worker could not import it by name."""
+    """cloudpickle's Pickler that applies the module docstring's rule: it ships by value the
+    not-installed package of every module, function and class it meets, not only the module
+    of the submitted function; and it keeps the file name of code pickled by value."""
 
     def reducer_override(self, obj: Any) -> Any:
-        # Called for nearly every object pickled: kept to two type checks and no super().
-        if type(obj) is types.FunctionType or isinstance(obj, type):
+        # Called for nearly every object pickled: kept to a few type checks and no super().
+        kind = type(obj)
+        if kind is types.FunctionType or isinstance(obj, type):
             _ship_local_modules(obj)
+        elif kind is types.ModuleType:
+            _ship_local_modules(obj)
+            if _reuse_possible and not _by_reference(obj):
+                return _module_reduce_leaving_out_unpicklables(obj)
+        elif kind is types.CodeType and _code_reduce is not None:
+            return _code_reduce_keeping_file_name(obj)
         return _cloudpickle_reducer_override(self, obj)
 
 
 _cloudpickle_reducer_override = cloudpickle.Pickler.reducer_override
+_code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+
+
+def _code_reduce_keeping_file_name(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, with `co_filename` put back: cloudpickle
+    writes "<dynamic-code>" there (so that pickles do not depend on where a function was
+    defined), which leaves remote tracebacks without the user's file. The file name is
+    the argument that follows `co_varnames` in every Python's code constructor."""
+    constructor, args = _code_reduce(code)
+    for index in range(1, len(args)):
+        if args[index] == "<dynamic-code>" and args[index - 1] == code.co_varnames:
+            args = (*args[:index], code.co_filename, *args[index + 1:])
+            break
+    return constructor, args
+
+
+# (module name, attribute name) -> (the value, why it cannot be pickled, or None)
+_verdicts: dict[tuple[str, str], tuple[Any, str | None]] = {}
+_examining = threading.local()
+
+
+def _module_reduce_leaving_out_unpicklables(module: types.ModuleType) -> Any:
+    """A module by value, as cloudpickle's own reduction but for two things. Its attributes
+    that cannot be pickled (a lock, a connection) are left out, so that a task using one
+    function of a helper module is not refused for a global it never touches; the module's
+    `__getattr__` on the worker explains a left-out name if the task does reach it. And the
+    attributes travel as the module's state, after the module itself, so that modules that
+    refer to each other (a package and its submodules) do not recurse without end."""
+    name = module.__name__
+    busy = _examining.__dict__.setdefault("modules", set())
+    check = name not in busy  # else a cycle of modules: checked further up the stack
+    busy.add(name)
+    state: dict[str, Any] = {"__builtins__": builtins}
+    left_out: dict[str, str] = {}
+    try:
+        for attribute, value in list(vars(module).items()):
+            if attribute == "__builtins__":
+                continue
+            reason = _pickling_failure(name, attribute, value) if check else None
+            if reason is None:
+                state[attribute] = value
+            else:
+                left_out[attribute] = reason
+    finally:
+        if check:
+            busy.discard(name)
+    if left_out:
+        log.debug("module %s goes to the worker without %s", name, ", ".join(left_out))
+        if "__getattr__" not in state:
+            state["__getattr__"] = functools.partial(
+                worker_exceptions.module_attribute_left_out, name, left_out)
+    return types.ModuleType, (name,), state
+
+
+def _pickling_failure(module_name: str, attribute: str, value: Any) -> str | None:
+    """Why `value` cannot be pickled, or None; remembered while the attribute holds it.
+    A value that later stops pickling (a list that gains a lock) still fails the payload
+    itself, so a remembered verdict never ships a broken module silently."""
+    key = (module_name, attribute)
+    known = _verdicts.get(key)
+    if known is not None and known[0] is value:
+        return known[1]
+    try:
+        _dumps(value)
+        reason = None
+    except Exception as exc:  # noqa: BLE001 - any failure: leave the attribute out
+        reason = f"{type(exc).__name__}: {exc}"
+    _verdicts[key] = (value, reason)
+    return reason
 
 
 def _dumps(obj: Any) -> bytes:
@@ -123,15 +234,29 @@ def _dumps(obj: Any) -> bytes:
         return file.getvalue()
 
 
-def dumps_call(fn: Any, calls: list[tuple[tuple, dict]], batch: bool) -> bytes:
-    """Pickle a payload: the function and its calls. Raises SerializationError."""
+def dumps_call(fn: Any, calls: list[tuple[tuple, dict]], batch: bool,
+               initializer: bytes | None = None) -> bytes:
+    """Pickle a payload: the function and its calls (and the executor's pickled initializer,
+    see `dumps_initializer`). Raises SerializationError."""
     _ship_local_modules(fn)
     try:
         fn_pickle, flags = _function_pickle(fn)
-        return protocol.pack_payload(fn_pickle, _dumps((calls, batch)), flags)
+        return protocol.pack_payload(fn_pickle, _dumps((calls, batch)), flags, initializer)
     except Exception as exc:
+        culprit = _culprit_of_call(fn, calls, batch)
+        where = f"{culprit}: " if culprit else ""
         raise SerializationError(f"cannot pickle {_describe(fn)} with its arguments: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+                                 f"{where}{type(exc).__name__}: {exc}") from exc
+
+
+def dumps_initializer(initializer: Any, initargs: tuple) -> bytes:
+    """Pickle an executor's (initializer, initargs) once. Raises SerializationError."""
+    _ship_local_modules(initializer)
+    try:
+        return _dumps((initializer, initargs))
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle the initializer {_describe(initializer)} "
+                                 f"with its initargs: {type(exc).__name__}: {exc}") from exc
 
 
 # -- reusing a function's pickle ----------------------------------------------------------------
@@ -254,6 +379,101 @@ def _stable(value: Any, depth: int = 0) -> bool:
         except Exception:  # noqa: BLE001 - cloudpickle could not tell: assume it may change
             return False
     return False
+
+
+# -- naming what cannot be pickled ------------------------------------------------------------
+
+_CULPRIT_DEPTH = 4
+_CULPRIT_ITEMS = 100  # items of a container looked at one by one
+
+
+def _culprit_of_call(fn: Any, calls: list[tuple[tuple, dict]], batch: bool) -> str | None:
+    """Which part of a call failed to pickle, in words: "positional argument 1 (a
+    _thread.lock)", "attribute 'lock' of global 'state' (a _thread.lock)". Only run once
+    pickling has failed: it pickles the parts one by one."""
+    for number, (args, kwargs) in enumerate(calls):
+        of_call = f" of call {number} in the chunk" if batch else ""
+        labelled = [(f"positional argument {index}{of_call}", value)
+                    for index, value in enumerate(args)]
+        labelled += [(f"keyword argument {name!r}{of_call}", value)
+                     for name, value in kwargs.items()]
+        for label, value in labelled:
+            found = _culprit(value, 0)
+            if found is not None:
+                return _say(label, *found)
+    found = _culprit(fn, 0)
+    if found is not None and found[0]:
+        return _say("", *found)
+    return None
+
+
+def _say(label: str, path: list[str], culprit: Any) -> str:
+    words = " of ".join([*reversed(path), label] if label else reversed(path))
+    kind = type(culprit)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else (
+        f"{kind.__module__}.{kind.__qualname__}")
+    return f"{words} (a {name})"
+
+
+def _culprit(obj: Any, depth: int) -> tuple[list[str], Any] | None:
+    """None when `obj` pickles; else the path of labels to the innermost part that does not
+    (empty when it is `obj` itself, or when none of its parts fails alone) and that part."""
+    try:
+        _dumps(obj)
+        return None
+    except Exception:  # noqa: BLE001 - any failure: look inside
+        pass
+    if depth < _CULPRIT_DEPTH:
+        try:
+            parts = list(_parts(obj))
+        except Exception:  # noqa: BLE001 - an object that cannot be looked into
+            parts = []
+        for label, part in parts:
+            found = _culprit(part, depth + 1)
+            if found is not None:
+                return [label, *found[0]], found[1]
+    return [], obj
+
+
+def _parts(obj: Any) -> Iterable[tuple[str, Any]]:
+    """The labelled parts that pickling `obj` pickles in turn, as far as we can tell."""
+    kind = type(obj)
+    if kind is types.FunctionType:
+        names = cloudpickle.cloudpickle._extract_code_globals(obj.__code__)
+        yield from ((f"global {name!r}", obj.__globals__[name])
+                    for name in names if name in obj.__globals__)
+        for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=False):
+            value = _cell_value(cell)
+            if value is not _EMPTY_CELL:
+                yield f"closure variable {name!r}", value
+        arguments = obj.__code__.co_varnames[:obj.__code__.co_argcount]
+        defaults = obj.__defaults__ or ()
+        for name, value in zip(arguments[len(arguments) - len(defaults):], defaults,
+                               strict=False):
+            yield f"default of {name!r}", value
+        yield from ((f"default of {name!r}", value)
+                    for name, value in (obj.__kwdefaults__ or {}).items())
+    elif isinstance(obj, functools.partial):
+        yield "the partial's function", obj.func
+        yield from ((f"the partial's argument {index}", value)
+                    for index, value in enumerate(obj.args))
+        yield from ((f"the partial's keyword {name!r}", value)
+                    for name, value in obj.keywords.items())
+    elif kind is types.MethodType:
+        yield "the method's function", obj.__func__
+        yield "the method's instance", obj.__self__
+    elif kind is types.ModuleType or isinstance(obj, type):
+        where = "module attribute" if kind is types.ModuleType else "class attribute"
+        yield from ((f"{where} {name!r}", value) for name, value in vars(obj).items()
+                    if name not in ("__builtins__", "__dict__", "__weakref__"))
+    elif kind in (list, tuple, set, frozenset):
+        yield from ((f"item {index}", value)
+                    for index, value in enumerate(list(obj)[:_CULPRIT_ITEMS]))
+    elif kind is dict:
+        yield from ((f"key {key!r}", value)
+                    for key, value in list(obj.items())[:_CULPRIT_ITEMS])
+    elif isinstance(getattr(obj, "__dict__", None), dict):
+        yield from ((f"attribute {name!r}", value) for name, value in vars(obj).items())
 
 
 def loads_result(data: bytes) -> Any:

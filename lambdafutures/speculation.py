@@ -9,6 +9,7 @@ future and the other one's completion is ignored, like any stale attempt.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -50,21 +51,29 @@ class StragglerWatch:
         self.finished = 0
         self._durations: deque[float] = deque(maxlen=1000)
         self._next_check = 0.0
+        # Submitters, the completion thread and reader threads count here.
+        self._lock = threading.Lock()
+
+    def submitted_one(self) -> None:
+        with self._lock:
+            self.submitted += 1
 
     def finished_in(self, seconds: float | None) -> None:
-        self.finished += 1
-        if seconds is not None:
-            self._durations.append(seconds)
+        with self._lock:
+            self.finished += 1
+            if seconds is not None:
+                self._durations.append(seconds)
 
     def stragglers(self, running: Iterable[Task]) -> list[Task]:
         now = time.monotonic()
         if now < self._next_check:
             return []
         self._next_check = now + self._CHECK_EVERY_S
-        if (self.finished < self.policy.after * self.submitted
-                or len(self._durations) < self.policy.min_finished):
-            return []
-        limit = self.policy.slower_than * statistics.median(self._durations)
+        with self._lock:
+            if (self.finished < self.policy.after * self.submitted
+                    or len(self._durations) < self.policy.min_finished):
+                return []
+            limit = self.policy.slower_than * statistics.median(self._durations)
         wall = time.time()
         return [task for task in running
                 if task.invoked_at is not None and task.other_live is None

@@ -303,16 +303,21 @@ def test_shutdown_wait_ends_every_future(make_executor):
     assert [f.result(timeout=0) for f in futures] == list(range(10))
 
 
-def test_shutdown_cancel_futures(make_executor):
+def test_shutdown_cancel_futures(make_executor, backend):
     ex = make_executor(max_workers=1)
     running = ex.submit(tasks.sleep_then, 1.0, "ran")
     pending = [ex.submit(tasks.identity, i) for i in range(5)]
     ex.shutdown(wait=True, cancel_futures=True)
     assert running.result(timeout=0) == "ran"
-    assert all(f.cancelled() for f in pending)
+    # As with ProcessPoolExecutor's extra queued call, a task already handed to the busy
+    # local worker is running and runs to its end; every other one is cancelled.
+    handed = [f for f in pending if not f.cancelled()]
+    assert len(handed) <= (1 if backend == "local" else 0)
+    assert [f.result(timeout=0) for f in handed] == [pending.index(f) for f in handed]
     for future in pending:
-        with pytest.raises(CancelledError):
-            future.result(timeout=0)
+        if future not in handed:
+            with pytest.raises(CancelledError):
+                future.result(timeout=0)
     done, not_done = wait([running, *pending], timeout=10)
     assert not not_done
     assert len(list(as_completed(pending, timeout=10))) == len(pending)
@@ -549,28 +554,27 @@ def test_exception_from_a_lambda(make_executor):
     assert "inner_failure" in exception.__cause__.text
 
 
-def test_unpicklable_exception_becomes_remote_error(make_executor):
+def test_exception_holding_an_unpicklable_value_keeps_its_type(make_executor):
+    # Its class is found on the host: it is rebuilt, without the attribute that cannot travel.
     ex = make_executor()
     future = ex.submit(tasks.raise_unpicklable_error, "cannot travel")
     exception = future.exception(timeout=30)
-    assert isinstance(exception, lambdafutures.RemoteError)
-    assert isinstance(exception, lambdafutures.LambdaFuturesError)
-    assert "UnpicklableError" in exception.type_name
-    assert exception.message == "cannot travel"
-    assert "UnpicklableError" in str(exception) and "cannot travel" in str(exception)
-    assert "raise_unpicklable_error" in exception.remote_traceback
+    assert type(exception) is tasks.UnpicklableError
+    assert str(exception) == "cannot travel"
+    assert not hasattr(exception, "lock")
+    assert "raise_unpicklable_error" in exception.__cause__.text
     assert isinstance(exception.__cause__, lambdafutures.RemoteTraceback)
     # The executor carries on.
     assert ex.submit(tasks.square, 4).result(timeout=30) == 16
 
 
-def test_exception_that_cannot_be_rebuilt_becomes_remote_error(make_executor):
+def test_exception_whose_init_breaks_unpickling_keeps_its_type(make_executor):
+    # Rebuilt without calling __init__, as tblib and loky do: args and attributes kept.
     ex = make_executor()
     exception = ex.submit(tasks.raise_unloadable_error, "half built").exception(timeout=30)
-    assert isinstance(exception, lambdafutures.RemoteError)
-    assert "UnloadableError" in exception.type_name
-    assert exception.message == "half built"
-    assert "raise_unloadable_error" in exception.remote_traceback
+    assert type(exception) is tasks.UnloadableError
+    assert exception.args == ("half built",) and exception.detail == "detail"
+    assert "raise_unloadable_error" in exception.__cause__.text
 
 
 # -- stats --------------------------------------------------------------------------------------
@@ -648,11 +652,12 @@ def test_exception_with_a_huge_message(make_executor, size):
 
 
 def test_system_exit_in_a_task_is_the_task_s_exception(make_executor):
-    # As with ProcessPoolExecutor: SystemExit raised by the function ends only its future.
+    # SystemExit raised by the function ends only its future, as a typed error: re-raised
+    # as itself, it would end the host's script.
     ex = make_executor()
     exception = ex.submit(tasks.exit_via_sys_exit, 5).exception(timeout=30)
-    assert type(exception) is SystemExit
-    assert exception.code == 5
+    assert type(exception) is lambdafutures.TaskExited
+    assert exception.type_name == "SystemExit" and exception.code == 5
     assert ex.submit(tasks.square, 2).result(timeout=30) == 4
 
 

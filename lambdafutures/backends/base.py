@@ -55,9 +55,15 @@ class Backend:
     sandbox_timeout: float | None
     default_max_workers: int
     closers: list
-    # Tasks beyond max_workers that the invoker may hold at busy sandboxes, still cancellable:
-    # its invoke(event, future, on_dropped) then marks the future running (backends/pool.py).
+    # Tasks beyond max_workers that the invoker may hand to busy sandboxes (running, and no
+    # longer cancellable, like ProcessPoolExecutor's EXTRA_QUEUED_CALLS).
     prefetch: int = 0
+    # The concurrent executions the platform allows this function, if known (AWS: reserved
+    # concurrency, else the account's unreserved).
+    concurrency_limit: int | None = None
+    # True where an accepted invoke may wait in the platform's own queue (Lambda's async
+    # queue): events then carry an expiry, and time queued is not counted against a task.
+    platform_queue: bool = False
 
     def close(self) -> None:
         for close in reversed(self.closers):

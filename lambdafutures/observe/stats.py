@@ -6,12 +6,18 @@ within the machines' clock skew.
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-_ATTRIBUTE = "_lambdafutures_stats"
+# Kept beside the future, never on it: a Future is the stdlib's and stays as it is.
+_stats: weakref.WeakKeyDictionary[Future, TaskStats] = weakref.WeakKeyDictionary()
+_outputs: weakref.WeakKeyDictionary[Future, str] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -64,11 +70,25 @@ def stats_of(future: Future) -> TaskStats | None:
     """The TaskStats of a future from a LambdaExecutor, once it is done; else None.
 
     A cancelled future, one that never started, or one from another executor has none."""
-    return getattr(future, _ATTRIBUTE, None)
+    with _lock:
+        return _stats.get(future)
+
+
+def output_of(future: Future) -> str:
+    """What the task printed (stdout and stderr, and its logging records), up to the
+    executor's `output_limit` (its tail), once the future is done; "" if nothing."""
+    with _lock:
+        return _outputs.get(future, "")
 
 
 def attach(future: Future, stats: TaskStats) -> None:
-    setattr(future, _ATTRIBUTE, stats)
+    with _lock:
+        _stats[future] = stats
+
+
+def attach_output(future: Future, output: str) -> None:
+    with _lock:
+        _outputs[future] = output
 
 
 def from_message(

@@ -9,10 +9,10 @@ the failure completion that Lambda's failure destination would carry on AWS.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import shutil
-import tempfile
 from typing import Any
 
 from lambdafutures_handler import protocol
@@ -20,8 +20,15 @@ from lambdafutures_handler.transport import FileStore
 
 from ..base import Backend, take_batch
 from .pool import WorkerPool
+from .processes import PROCESSES_PER_CPU, process_cap
+from .store import new_store_root, remove_stale_roots
+
+log = logging.getLogger("lambdafutures")
 
 _KILL_GRACE_S = 2.0
+# Worker processes started ahead of need when the backend opens, per CPU: a few, so that the
+# first tasks find warm workers; more would compete for the CPUs with the first tasks.
+_PRESTART_PER_CPU = 1
 
 
 class LocalCompletionQueue:
@@ -33,7 +40,7 @@ class LocalCompletionQueue:
         self._queue.put(message)
 
     def report_failure(self, event: dict[str, Any], kind: str, message: str) -> None:
-        self._queue.put(protocol.failure_completion(event, kind, message))
+        self._queue.put(protocol.make_hint(event, kind, message))
 
     def receive(self, max_messages: int, wait: float) -> list[dict[str, Any]]:
         if self.pool is not None and self._queue.empty():
@@ -54,16 +61,28 @@ def open_local_backend(
     worker_env: dict[str, str] | None = None,
     store_dir: str | None = None,
 ) -> Backend:
-    root = _store_root(store_dir)
+    remove_stale_roots(store_dir)
+    root = new_store_root(store_dir)
     store = FileStore(root)
     completions = LocalCompletionQueue()
     # The worker reports a timeout itself at `timeout`; killing the process a little later
     # is the backstop for a call that holds the GIL so the worker's watchdog cannot run.
     sandbox_timeout = None if timeout is None else timeout + _KILL_GRACE_S
-    pool = WorkerPool(max_workers, timeout=sandbox_timeout, on_frame=completions.put,
+    processes = min(max_workers, process_cap())
+    if processes < max_workers:
+        log.info("local backend: max_workers=%d is more than %d processes per CPU on this "
+                 "machine; running %d worker processes (the other tasks in flight wait in "
+                 "the pool's queue)", max_workers, PROCESSES_PER_CPU, processes)
+    pool = WorkerPool(processes, timeout=sandbox_timeout, on_frame=completions.put,
                       on_failure=completions.report_failure, blas_threads=blas_threads,
-                      env=worker_env, thread=False, depth=2, claims_dir=root)
+                      env=worker_env, thread=False, depth=2,
+                      prestart=min(processes, _PRESTART_PER_CPU * (os.cpu_count() or 1)))
     completions.pool = pool
+    # A task in flight may wait in the pool's queue for `queued_rounds` tasks to run before
+    # it (at most `timeout` each) when there are fewer processes than max_workers; the
+    # executor's deadline must leave it that long.
+    queued_rounds = -(-max(0, max_workers - processes) // processes)
+    deadline_margin = 5.0 + (queued_rounds * sandbox_timeout if sandbox_timeout else 0.0)
     return Backend(
         name="local",
         store=store,
@@ -74,39 +93,19 @@ def open_local_backend(
         # happens in the thread that frees the slot: no invoker thread, no thread hop.
         invoke_threads=0,
         inline_limit=inline_limit or protocol.inline_limit(),
-        deadline_margin=5.0,
+        deadline_margin=deadline_margin,
         sandbox_timeout=sandbox_timeout,
         default_max_workers=default_max_workers(),
         closers=[lambda: shutil.rmtree(root, ignore_errors=True), pool.close],
-        # Each busy worker holds the next event too, so it goes on without waiting for the
-        # host; that task stays cancellable until the worker takes it.
-        prefetch=max_workers,
+        # Each busy worker process also holds the next task, so that it goes on without
+        # waiting for the host: a round trip saved per task, which is most of a small
+        # task's cost. Like ProcessPoolExecutor's EXTRA_QUEUED_CALLS (process.py), this is a
+        # trade-off: the executor counts such a task in flight, so it is running and cannot
+        # be cancelled although it may wait for the task before it. More held tasks would
+        # keep workers busier and make cancel() succeed less often; none would leave each
+        # worker idle for a round trip between tasks.
+        prefetch=processes,
     )
-
-
-# Free space that makes /dev/shm the default home of task objects.
-_SHM_MIN_FREE = 2 * 1024 ** 3
-
-
-def _store_root(store_dir: str | None) -> str:
-    """A new directory for payloads and results too large to travel inline: in `store_dir`
-    if given, else in /dev/shm when it is roomy and TMPDIR names no other place, else in
-    the temporary directory. An object lives only from its writer to its one reader, and on a
-    disk file system creating each file can cost a millisecond; in memory it costs little."""
-    if store_dir is None and "TMPDIR" not in os.environ and _roomy("/dev/shm"):
-        try:
-            return tempfile.mkdtemp(prefix="lambdafutures-", dir="/dev/shm")
-        except OSError:
-            pass  # not usable after all: the temporary directory below
-    return tempfile.mkdtemp(prefix="lambdafutures-", dir=store_dir)
-
-
-def _roomy(path: str) -> bool:
-    try:
-        space = os.statvfs(path)
-    except (OSError, AttributeError):  # no such directory, or no statvfs (Windows)
-        return False
-    return os.access(path, os.W_OK) and space.f_bavail * space.f_frsize >= _SHM_MIN_FREE
 
 
 def default_max_workers() -> int:
