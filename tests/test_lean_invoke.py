@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import operator
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
@@ -24,11 +25,12 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
-from tenacity import stop_after_attempt, wait_none
+from tenacity import wait_none
 
 from lambdafutures import InvocationFailed, LambdaExecutor
 from lambdafutures.backends.aws import lean
 from lambdafutures.backends.aws.invoke import LambdaInvoker, is_retryable
+from lambdafutures.backends.aws.retry import INVOKE
 
 EVENT = {"v": 2, "task": 7, "payload": {"inline": "eA=="}}
 
@@ -99,7 +101,8 @@ def lambda_client(session, url):
 
 
 def quick_retries(attempts=8):
-    return {"wait": wait_none(), "stop": stop_after_attempt(attempts)}
+    """The declared invoke policy without its waits, and with `attempts`."""
+    return {"policy": replace(INVOKE, wait=wait_none(), attempts=attempts)}
 
 
 THROTTLED = (429, {"x-amzn-ErrorType": "TooManyRequestsException",
@@ -330,7 +333,7 @@ def test_lean_sqs_connection_errors_are_retryable():
     listener.server_close()
     session = session_with()
     client = session.create_client("sqs", region_name="eu-west-1", endpoint_url=url)
-    lean_sqs = lean.LeanSqsClient(client, session, **quick_retries(attempts=2))
+    lean_sqs = lean.LeanSqsClient(client, session)
     with pytest.raises((EndpointConnectionError, ConnectionClosedError)) as raised:
         lean_sqs.receive_message(QueueUrl=f"{url}/123456789012/q", WaitTimeSeconds=0)
     assert is_retryable(raised.value)
