@@ -154,8 +154,9 @@ def test_worker_policy_is_least_privilege():
         "Version": "2012-10-17",
         "Statement": [
             {"Sid": "TaskObjects", "Effect": "Allow",
-             "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
-             "Resource": ["arn:aws:s3:::lambdafutures-123456789012-us-east-1/tasks/*"]},
+             "Action": ["s3:GetObject", "s3:PutObject"],
+             "Resource": [
+                 "arn:aws:s3:::lambdafutures-123456789012-us-east-1/tasks/lambdafutures/*"]},
             {"Sid": "Queues", "Effect": "Allow", "Action": ["sqs:SendMessage"],
              "Resource": ["arn:aws:sqs:us-east-1:123456789012:lambdafutures-x-*",
                           "arn:aws:sqs:us-east-1:123456789012:lambdafutures-failures"]},
@@ -268,7 +269,7 @@ def test_deploy_creates_everything_twice_changes_nothing_destroy_removes_all(
                                    "failure_queue_arn", "timeout", "memory_mb",
                                    "architecture", "python", "profile")} == {
         "backend": "aws", "name": name, "region": REGION, "account_id": ACCOUNT,
-        "bucket": bucket, "prefix": "tasks", "function_name": name,
+        "bucket": bucket, "prefix": f"tasks/{name}", "function_name": name,
         "queue_prefix": f"{name}-x-", "failure_queue_arn": failure_arn, "timeout": 120,
         "memory_mb": 1024, "architecture": "arm64", "python": PYTHON, "profile": None}
     import cloudpickle
@@ -283,7 +284,7 @@ def test_deploy_creates_everything_twice_changes_nothing_destroy_removes_all(
     rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]
     assert rules["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
     [rule] = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
-    assert rule["Filter"] == {"Prefix": "tasks/"} and rule["Status"] == "Enabled"
+    assert rule["Filter"] == {"Prefix": f"tasks/{name}/"} and rule["Status"] == "Enabled"
     assert rule["Expiration"] == {"Days": 1}
 
     # Queue: encrypted.
@@ -291,6 +292,8 @@ def test_deploy_creates_everything_twice_changes_nothing_destroy_removes_all(
                                           AttributeNames=["All"])["Attributes"]
     assert attributes["SqsManagedSseEnabled"] == "true"
     assert attributes["QueueArn"] == failure_arn
+    assert attributes["MessageRetentionPeriod"] == "3600"  # records hold users' arguments
+    assert config["owned"] == {"bucket": True, "failure_queue": True, "role": True}
 
     # Role: only Lambda assumes it; the inline policy is exactly the least-privilege one.
     role = iam.get_role(RoleName=f"{name}-worker")["Role"]
@@ -307,9 +310,8 @@ def test_deploy_creates_everything_twice_changes_nothing_destroy_removes_all(
     statements = {s["Sid"]: s for s in document["Statement"]}
     assert set(statements) == {"TaskObjects", "Queues", "Logs"}
     assert all(s["Effect"] == "Allow" for s in statements.values())
-    assert sorted(statements["TaskObjects"]["Action"]) == [
-        "s3:DeleteObject", "s3:GetObject", "s3:PutObject"]
-    assert statements["TaskObjects"]["Resource"] == [f"arn:aws:s3:::{bucket}/tasks/*"]
+    assert sorted(statements["TaskObjects"]["Action"]) == ["s3:GetObject", "s3:PutObject"]
+    assert statements["TaskObjects"]["Resource"] == [f"arn:aws:s3:::{bucket}/tasks/{name}/*"]
     assert statements["Queues"]["Action"] == ["sqs:SendMessage"]
     assert sorted(statements["Queues"]["Resource"]) == sorted([
         f"arn:aws:sqs:{REGION}:{ACCOUNT}:{name}-x-*", failure_arn])
@@ -440,12 +442,16 @@ def test_gc_removes_only_old_executor_leftovers(moto_server, config_file, client
     assert run(capsys, "deploy", "--name", name, "--no-layer")[0] == 0
     config = load_deployment()
     sqs, s3 = clients["sqs"], clients["s3"]
-    for executor in ("dead1", "dead2"):
+    prefix, dead1, dead2 = config["prefix"], "d1" * 8, "d2" * 8
+    # Executors from before heartbeats: their queues carry no heartbeat tag.
+    for executor in (dead1, dead2):
         sqs.create_queue(QueueName=f"{config['queue_prefix']}{executor}")
     bucket = config["bucket"]
-    for key in ("tasks/dead1/p1", "tasks/dead1/r1", "tasks/dead2/p1"):
+    for key in (f"{prefix}/{dead1}/p1", f"{prefix}/{dead1}/r1", f"{prefix}/{dead2}/p1"):
         s3.put_object(Bucket=bucket, Key=key, Body=b"x")
-    s3.put_object(Bucket=bucket, Key="elsewhere/keep", Body=b"x")
+    not_executors = ["elsewhere/keep", f"{prefix}/notes.txt", f"{prefix}/notes/a.txt"]
+    for key in not_executors:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
 
     aws = Aws(region=REGION)
     from lambdafutures.deploy.stack import deployment_from_config
@@ -462,18 +468,30 @@ def test_gc_removes_only_old_executor_leftovers(moto_server, config_file, client
     assert (len(gone.queues), gone.objects) == (2, 3)
     assert sqs.list_queues(QueueNamePrefix=config["queue_prefix"]).get("QueueUrls", []) == []
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
-    assert keys == ["elsewhere/keep"]
+    assert sorted(keys) == sorted([*not_executors, f"tasks/.deployments/{name}.json"])
     # The failure queue is not a leftover.
     assert sqs.get_queue_url(QueueName=f"{name}-failures")
 
-    sqs.create_queue(QueueName=f"{config['queue_prefix']}dead3")
+    # A queue made a moment ago has not beaten yet: even --older-than 0 keeps it. Once its
+    # heartbeat is an hour old, gc takes it.
+    dead3 = sqs.create_queue(QueueName=f"{config['queue_prefix']}{'d3' * 8}")["QueueUrl"]
     code, lines = run(capsys, "gc", "--older-than", "0")
+    assert code == 0 and "deleted 0 executor queue(s)" in lines[-1], lines
+    sqs.tag_queue(QueueUrl=dead3,
+                  Tags={"lambdafutures:heartbeat": str(int(time.time()) - 3600)})
+    code, lines = run(capsys, "gc")
     assert code == 0 and "deleted 1 executor queue(s) and 0 task object(s)" in lines[-1]
 
-    # destroy also takes leftover executor queues and every object.
+    # destroy also takes leftover executor queues and everything under its prefix, but keeps
+    # the bucket while it holds an object the deployment did not write.
     sqs.create_queue(QueueName=f"{config['queue_prefix']}dead4")
     code, lines = run(capsys, "destroy", "--yes")
     assert code == 0 and any("deleted 1" in line for line in lines), lines
+    assert any(line.startswith("  bucket ") and " kept " in line for line in lines), lines
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert keys == ["elsewhere/keep"]
+    s3.delete_object(Bucket=bucket, Key="elsewhere/keep")
+    assert run(capsys, "destroy", "--yes", "--name", name)[0] == 0
     assert_nothing_left(clients, name)
 
 
@@ -489,7 +507,8 @@ def test_large_layer_goes_through_s3(moto_server, config_file, clients, name, la
     layer = clients["lambda"].get_layer_version(LayerName=layer_name, VersionNumber=int(number))
     assert layer["Content"]["CodeSize"] == len(layer_zip.read_bytes())
     # The staged copy is gone once Lambda has it.
-    assert clients["s3"].list_objects_v2(Bucket=config["bucket"]).get("KeyCount", 0) == 0
+    listed = clients["s3"].list_objects_v2(Bucket=config["bucket"]).get("Contents", [])
+    assert [o["Key"] for o in listed] == [f"tasks/.deployments/{name}.json"]  # the record
     # A re-run without --layer-zip finds the recorded prebuilt layer again.
     code, lines = run(capsys, "deploy")
     assert code == 0 and statuses(lines)["layer"] == "unchanged", lines

@@ -66,7 +66,7 @@ class Settings:
     region: str = "us-east-1"
     profile: str | None = None
     bucket: str | None = None          # None: "{name}-{account}-{region}"
-    prefix: str = "tasks"
+    prefix: str = "tasks"              # the root; the deployment's is "{prefix}/{name}"
     timeout: int = 900                 # seconds; Lambda's maximum, tasks carry their own
     memory_mb: int = 2048
     architecture: str = "arm64"        # Graviton: cheaper per GB-second
@@ -74,6 +74,8 @@ class Settings:
     object_expiry_days: int = 1        # lifecycle rule on "{prefix}/"
     log_retention_days: int = 14
     reserved_concurrency: int | None = None
+    # Failure records carry the task's event (users' arguments): keep them an hour, not days.
+    failure_retention: int = 3600
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -93,6 +95,8 @@ class Settings:
             raise ValueError("reserved concurrency must be at least 1 (or unset)")
         if not self.prefix or "/" in self.prefix.strip("/"):
             raise ValueError("prefix must be one non-empty path segment")
+        if not 60 <= self.failure_retention <= 1209600:
+            raise ValueError("failure retention must be 60..1209600 seconds (SQS's limits)")
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,8 @@ class Deployment:
 
     @property
     def prefix(self) -> str:
-        return self.settings.prefix.strip("/")
+        # The name makes one deployment's prefix disjoint from every other's in a shared bucket.
+        return f"{self.settings.prefix.strip('/')}/{self.name}"
 
     @property
     def bucket(self) -> str:
@@ -174,15 +179,17 @@ class Deployment:
     def log_group_arn(self) -> str:
         return self._arn("logs", f"log-group:{self.log_group}")
 
-    def worker_policy(self) -> dict[str, Any]:
-        """The role's inline policy: its task objects, its queues, its logs; nothing else."""
-        return {
+    def worker_policy(self, kms_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The role's inline policy: its task objects, its queues, its logs; nothing else.
+        Workers never delete (the host does), so no s3:DeleteObject. `kms_keys`: the ARNs of
+        customer-managed keys of an existing bucket or queue the deployment was given."""
+        policy: dict[str, Any] = {
             "Version": "2012-10-17",
             "Statement": [
                 {
                     "Sid": "TaskObjects",
                     "Effect": "Allow",
-                    "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                    "Action": ["s3:GetObject", "s3:PutObject"],
                     "Resource": [f"arn:{self.partition}:s3:::{self.bucket}/{self.prefix}/*"],
                 },
                 {
@@ -203,6 +210,15 @@ class Deployment:
                 },
             ],
         }
+        if kms_keys:  # only through S3 and SQS, never the key directly
+            policy["Statement"].append({
+                "Sid": "Kms", "Effect": "Allow",
+                "Action": ["kms:Decrypt", "kms:GenerateDataKey"],
+                "Resource": sorted(kms_keys),
+                "Condition": {"StringEquals": {"kms:ViaService": [
+                    f"s3.{self.region}.amazonaws.com", f"sqs.{self.region}.amazonaws.com"]}},
+            })
+        return policy
 
     def lifecycle_rule(self) -> dict[str, Any]:
         return {
@@ -247,6 +263,7 @@ class Deployment:
             "object_expiry_days": s.object_expiry_days,
             "log_retention_days": s.log_retention_days,
             "reserved_concurrency": s.reserved_concurrency,
+            "failure_retention": s.failure_retention,
             "layer_source": layer_source,
         }
 
@@ -254,7 +271,9 @@ class Deployment:
 def settings_from_config(config: dict[str, Any]) -> dict[str, Any]:
     """The Settings fields a previous deployment config recorded (for re-runs)."""
     fields = {f.name for f in dataclasses.fields(Settings)}
-    values = {key: config[key] for key in fields if key in config and key != "bucket"}
+    # "prefix" in the config is the derived "{root}/{name}", not the root setting.
+    values = {key: config[key] for key in fields
+              if key in config and key not in ("bucket", "prefix")}
     if config.get("custom_bucket"):
         values["bucket"] = config["bucket"]
     return values

@@ -6,20 +6,24 @@ as it is handled, and a `progress(message)` callable for what happens in between
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from .aws import Aws
+from .bucket import PRE_EXISTING, Bucket
 from .functions import AsyncInvokeConfig, Function, Layer
 from .iam import Role, RolePolicy
 from .layer import LayerSource, from_record
 from .package import build_function_zip
 from .resources import Progress, Resource, State, quiet
 from .spec import Deployment, Settings, host_cloudpickle, host_python, settings_from_config
-from .storage import Bucket, LogGroup, Queue, queues_with_prefix
+from .storage import LogGroup, Queue, queues_with_prefix
 
 Report = Callable[[str, str, str, list[str]], None]
 NO_LAYER = "no layer (--no-layer)"
+# Details `status` prints next to "ok".
+SHOWN_DETAILS = (NO_LAYER, PRE_EXISTING)
 
 
 def bind(aws: Aws, settings: Settings, python: str | None = None) -> Deployment:
@@ -79,10 +83,18 @@ def deploy(aws: Aws, deployment: Deployment, layer_source: LayerSource | None,
     outcome = async_config.ensure(progress)
     report(async_config.kind, async_config.name, outcome.status, outcome.changes)
 
-    return deployment.to_config(
+    config = deployment.to_config(
         function_arn=function.arn or deployment.function_arn, layer_arn=layer_arn,
         failure_queue_url=failure_queue_url,
         layer_source=layer_source.record if layer_source else None)
+    # For the reader: what this deployment owns. `destroy` asks the resources' tags, which
+    # hold even without this file (and cannot be edited by whoever can edit it).
+    config["owned"] = {
+        "bucket": Bucket(aws, deployment).owned(),
+        "failure_queue": Queue(aws, deployment, deployment.failure_queue_name).owned(
+            failure_queue_url),
+        "role": Role(aws, deployment).owned()}
+    return config
 
 
 def inspect(aws: Aws, deployment: Deployment,
@@ -121,7 +133,9 @@ def inspect(aws: Aws, deployment: Deployment,
 
 def destroy(aws: Aws, deployment: Deployment, report: Report,
             progress: Progress = quiet) -> None:
-    """Delete everything `deploy` makes, dependents first."""
+    """Delete everything `deploy` made, dependents first. A bucket, failure queue or role
+    that existed before `deploy` is kept (the bucket loses only our prefix, record and
+    lifecycle rule); so is a bucket we made that holds objects we did not write."""
     # Any layer source will do: deletion removes every version of the deployment's layer.
     layer = Layer(aws, deployment, LayerSource("", None, {}, ""))
     bucket, failure_queue, log_group, role, policy = _base(aws, deployment)
@@ -130,15 +144,32 @@ def destroy(aws: Aws, deployment: Deployment, report: Report,
     for resource in first:
         _delete(resource, report, progress)
 
+    # Executor queues are the deployment's by name ("-x-" is reserved for them); the function
+    # is gone, so even a live executor cannot use its queue any more: say so.
     leftovers = queues_with_prefix(aws, deployment.queue_prefix)
+    live = 0
     for url in leftovers:
+        live += _was_alive(aws, url)
         aws.sqs.delete_queue(QueueUrl=url)
-    report("queues", f"{deployment.queue_prefix}*", f"deleted {len(leftovers)}", [])
+    report("queues", f"{deployment.queue_prefix}*", f"deleted {len(leftovers)}",
+           [f"{live} of them had a live executor"] if live else [])
 
     for resource in [failure_queue, bucket, log_group]:
         _delete(resource, report, progress)
 
 
+def _was_alive(aws: Aws, url: str) -> bool:
+    from ..backends.aws.heartbeat import is_alive  # the backend loads only when needed
+
+    try:
+        tags = aws.sqs.list_queue_tags(QueueUrl=url).get("Tags", {})
+    except Exception:  # noqa: BLE001 - only for the report
+        return False
+    return is_alive(tags, time.time())
+
+
 def _delete(resource: Resource, report: Report, progress: Progress) -> None:
     deleted = resource.delete(progress)
-    report(resource.kind, resource.name, "deleted" if deleted else "absent", [])
+    kept = getattr(resource, "kept", "")
+    report(resource.kind, resource.name,
+           "deleted" if deleted else "kept" if kept else "absent", [kept] if kept else [])
