@@ -9,6 +9,7 @@ from .errors import (
     RuntimeMismatch,
     SerializationError,
     SignatureMismatch,
+    TaskExited,
     TaskTimeout,
     WorkerCrashed,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "SerializationError",
     "SignatureMismatch",
     "Speculation",
+    "TaskExited",
     "TaskStats",
     "TaskTimeout",
     "WorkerCrashed",

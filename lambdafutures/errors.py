@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import BrokenExecutor
+from typing import Any
 
 __all__ = [
     "BrokenExecutor",
@@ -13,6 +14,7 @@ __all__ = [
     "RuntimeMismatch",
     "SerializationError",
     "SignatureMismatch",
+    "TaskExited",
     "TaskTimeout",
     "WorkerCrashed",
 ]
@@ -44,6 +46,31 @@ class RemoteError(LambdaFuturesError):
         self.type_name = type_name
         self.message = message
         self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.type_name, self.message, self.remote_traceback)
+
+
+class TaskExited(LambdaFuturesError):
+    """The task raised SystemExit, KeyboardInterrupt or another BaseException that is not an
+    Exception. It comes back as this error, never as the host's own control flow: a task
+    calling sys.exit(3) must not end the script that submitted it.
+
+    `type_name` names what the task raised, `code` is SystemExit's exit code (else None)
+    and `message` its text."""
+
+    def __init__(self, type_name: str, message: str = "", code: Any = None) -> None:
+        if type_name.rpartition(".")[2] == "SystemExit":
+            what = f"{type_name} (exit code {code!r})" if code is not None else type_name
+        else:
+            what = f"{type_name}: {message}" if message else type_name
+        super().__init__(f"the task raised {what}; it ended only that task")
+        self.type_name = type_name
+        self.message = message
+        self.code = code
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.type_name, self.message, self.code)
 
 
 class RuntimeMismatch(LambdaFuturesError):
