@@ -10,17 +10,24 @@ in-process and a bare n x n GEMM. Then it maps the tasks with LambdaExecutor and
   efficiency             effective / (task_gflops_inprocess x workers): the target ratio
   gap_to_gemm_ceiling    effective / (gemm_gflops_per_core x workers): how far the task's
                          normal() sampling keeps it from raw GEMM speed
+  blas_threads           BLAS threads a worker ran with (threadpoolctl's count if the
+                         worker has it installed, else its OPENBLAS_NUM_THREADS)
 
 as one JSON line on stdout, a short table on stderr, and timeline.png and gflops.png in
---out. `--compare-ppe` also maps the same tasks with ProcessPoolExecutor(workers) in the
-same run and reports its efficiency as ppe_efficiency.
+--out (without matplotlib, one stderr line says the plots were skipped). The GFLOPS plot's
+"final" effective figure is the JSON's effective_gflops: both come from
+lambdafutures.observe.rates.effective_rate with the same start (the executor's creation).
+`--compare-ppe` also maps the same tasks with ProcessPoolExecutor(workers) in the same run
+and reports its efficiency as ppe_efficiency.
 
     python benchmarks/dgemm.py [--backend local] [--workers N] [--tasks 16] [--n 2048]
                                [--loops 3] [--out ./dgemm-out] [--compare-ppe] [--repeat 1]
 
-The default 16 tasks (8 rounds on 2 workers, ~10 s) keep the workers' one-off cold start
+The default 16 tasks (8 rounds on 2 workers) keep the workers' one-off cold start
 (~0.04 s process start + ~0.04 s importing numpy on the first unpickle, reported as
-cold_start_s_mean and cold_setup_s_mean) near 1% of the wall time.
+cold_start_s_mean and cold_setup_s_mean) near 1% of the wall time. With the defaults, the
+whole command (baselines, map, plots) took 73-111 s on a 2-core machine whose cores other
+work was using (others_cpu_s 80-160 s).
 
 The fields *_others_cpu_s say how much CPU other processes on the machine took meanwhile
 (Linux); on a shared machine, a run with a large figure there measured the neighbours.
@@ -30,11 +37,14 @@ The in-process baseline is a single task, so its own noise moves `efficiency` as
 
 import os
 
-# One BLAS thread in this process (and in ProcessPoolExecutor's workers, which inherit the
-# environment): set before numpy is first imported, or OpenBLAS starts one thread per core.
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                  "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
-    os.environ[_variable] = "1"
+if __name__ == "__main__":
+    # One BLAS thread in this process (and in ProcessPoolExecutor's workers, which inherit
+    # the environment): set before numpy is first imported, or OpenBLAS starts one thread
+    # per core. Only when run as a script: importing this module (the tests do) leaves the
+    # importer's environment alone.
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                      "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[_variable] = "1"
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -46,7 +56,7 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lambdafutures  # noqa: E402
-from lambdafutures.observe import collect, plots  # noqa: E402
+from lambdafutures.observe import collect, plots, rates  # noqa: E402
 
 
 def big_flops(std_dev, n=2048, loops=3):
@@ -57,6 +67,21 @@ def big_flops(std_dev, n=2048, loops=3):
         b = np.random.normal(0, std_dev, (n, n))
         total += float(np.dot(a, b).sum())
     return total
+
+
+def blas_threads():
+    """The BLAS threads of the process this runs in (a worker, when submitted):
+    threadpoolctl's count if it is installed there, else OPENBLAS_NUM_THREADS as set."""
+    import numpy  # noqa: F401  (loads BLAS, so threadpoolctl can see it)
+
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        value = os.environ.get("OPENBLAS_NUM_THREADS")
+        return int(value) if value is not None and value.isdigit() else value
+    counts = [pool["num_threads"] for pool in threadpool_info()
+              if pool.get("user_api") == "blas"]
+    return max(counts) if counts else None
 
 
 def gemm_seconds(n, repeats=3):
@@ -118,22 +143,56 @@ class CpuWatch:
         return max(0.0, (end[0] - self._start[0]) - (end[1] - self._start[1]))
 
 
-def run_map(make_executor, std_devs, n, loops):
-    """Map the tasks; return (futures, wall seconds from creating the executor until the
-    last result, CPU seconds other processes used meanwhile, executor). Shutdown is outside
-    the timed span."""
+def run_map(make_executor, std_devs, n, loops, probe=None):
+    """Map the tasks. Returns a dict: futures, start (wall clock, just before the executor
+    is created: the origin of wall_s and of the plots), wall_s (from start until the last
+    result), others_cpu_s, executor, and `probe`'s result when given (submitted after the
+    map, outside the timed span, as is shutdown)."""
     watch = CpuWatch()
-    start = time.perf_counter()
+    start = time.time()
     executor = make_executor()
     try:
         futures = [executor.submit(big_flops, float(s), n, loops) for s in std_devs]
         for future in futures:
             future.result()
-        wall = time.perf_counter() - start
+        wall = time.time() - start
         others = watch.others_cpu_s()
+        probed = executor.submit(probe).result() if probe is not None else None
     finally:
         executor.shutdown(wait=True)
-    return futures, wall, others, executor
+    return {"futures": futures, "start": start, "wall_s": wall, "others_cpu_s": others,
+            "executor": executor, "probe": probed}
+
+
+def throughput_fields(stats, flops_per_task, start):
+    """The JSON's throughput figures, computed as the GFLOPS plot draws them (same
+    functions, same start), so its "final" number is effective_gflops exactly."""
+    _, in_flight = rates.step_in_flight(stats, flops_per_task, start=start)
+    return {
+        "wall_s": rates.end_of(stats, start),
+        "effective_gflops": rates.effective_rate(stats, flops_per_task, start) / 1e9,
+        "peak_gflops_in_flight": max(in_flight) / 1e9,
+    }
+
+
+def draw(futures, out, label, flops_per_task, start, workers, gemm_gflops):
+    """Write timeline.png and gflops.png to `out`; returns their paths, or (None, None)
+    with one line on stderr when matplotlib is missing (the JSON line does not need it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("dgemm: plots skipped: matplotlib is not installed "
+              "(pip install 'lambdafutures[plots]')", file=sys.stderr)
+        return None, None
+    os.makedirs(out, exist_ok=True)
+    timeline_png = os.path.join(out, "timeline.png")
+    gflops_png = os.path.join(out, "gflops.png")
+    plots.timeline(futures, timeline_png, title=f"Timeline: {label}", start=start)
+    plots.throughput(futures, gflops_png, flops_per_task=flops_per_task,
+                     title=f"GFLOPS: {label}", start=start,
+                     ceiling_gflops=workers * gemm_gflops,
+                     ceiling_label=f"ceiling ({workers} workers x GEMM GFLOPS per core)")
+    return timeline_png, gflops_png
 
 
 def main(argv=None):
@@ -176,17 +235,19 @@ def main(argv=None):
         others = watch.others_cpu_s()
         baseline_others = None if others is None or baseline_others is None \
             else baseline_others + others
-        local_runs.append(run_map(make_local, std_devs, n, loops))
+        local_runs.append(run_map(make_local, std_devs, n, loops, probe=blas_threads))
         if args.compare_ppe:
             ppe_runs.append(run_map(make_ppe, std_devs, n, loops))
     gemm_s, task_s = min(gemm_runs), min(task_runs)
     gemm_gflops = 2.0 * n ** 3 / gemm_s / 1e9
     task_gflops = flops_per_task / task_s / 1e9
-    futures, wall, others, executor = min(local_runs, key=lambda run: run[1])
+    for run in local_runs:
+        run.update(throughput_fields(collect(run["futures"]), flops_per_task, run["start"]))
+    best = min(local_runs, key=lambda run: run["wall_s"])
+    futures, executor, start = best["futures"], best["executor"], best["start"]
     stats = collect(futures)
+    effective = best["effective_gflops"]
     total_flops = flops_per_task * len(futures)
-    effective = total_flops / wall / 1e9
-    _, in_flight = plots.step_in_flight(stats, flops_per_task)
     cold = [s for s in stats if s.cold_start]
     runs = [s.run_time for s in stats if s.run_time is not None]
 
@@ -201,9 +262,10 @@ def main(argv=None):
         "n": n,
         "loops": loops,
         "gflop_per_task": flops_per_task / 1e9,
-        "wall_s": wall,
+        "blas_threads": best["probe"],
+        "wall_s": best["wall_s"],
         "effective_gflops": effective,
-        "peak_gflops_in_flight": max(in_flight) / 1e9,
+        "peak_gflops_in_flight": best["peak_gflops_in_flight"],
         "task_gflops_inprocess": task_gflops,
         "task_s_inprocess": task_s,
         "task_run_s_mean": mean(runs),
@@ -221,42 +283,39 @@ def main(argv=None):
         # CPU seconds that other processes on this machine used during the baselines and
         # the map: anything well above 0 means the figures above are not this code's alone.
         "baseline_others_cpu_s": baseline_others,
-        "others_cpu_s": others,
+        "others_cpu_s": best["others_cpu_s"],
         "repeat": args.repeat,
-        "wall_s_runs": [run[1] for run in local_runs],
+        "wall_s_runs": [run["wall_s"] for run in local_runs],
         "task_s_inprocess_runs": task_runs,
     }
     if args.compare_ppe:
-        _, ppe_wall, ppe_others, _ = min(ppe_runs, key=lambda run: run[1])
-        ppe_effective = total_flops / ppe_wall / 1e9
+        ppe = min(ppe_runs, key=lambda run: run["wall_s"])
+        ppe_effective = total_flops / ppe["wall_s"] / 1e9
         record.update({
-            "ppe_wall_s": ppe_wall,
+            "ppe_wall_s": ppe["wall_s"],
             "ppe_effective_gflops": ppe_effective,
             "ppe_efficiency": ppe_effective / (task_gflops * workers),
             "ratio_to_ppe": effective / ppe_effective,
-            "ppe_others_cpu_s": ppe_others,
-            "ppe_wall_s_runs": [run[1] for run in ppe_runs],
+            "ppe_others_cpu_s": ppe["others_cpu_s"],
+            "ppe_wall_s_runs": [run["wall_s"] for run in ppe_runs],
         })
 
-    os.makedirs(args.out, exist_ok=True)
     label = f"{len(futures)} x big_flops(n={n}, loops={loops}) on {workers} " \
             f"{executor.backend} workers"
-    record["timeline_png"] = plots.timeline(
-        futures, os.path.join(args.out, "timeline.png"), title=f"Timeline: {label}")
-    record["gflops_png"] = plots.throughput(
-        futures, os.path.join(args.out, "gflops.png"), flops_per_task=flops_per_task,
-        title=f"GFLOPS: {label}")
+    record["timeline_png"], record["gflops_png"] = draw(
+        futures, args.out, label, flops_per_task, start, workers, gemm_gflops)
 
     rows = [
         ("backend / workers", f"{executor.backend} / {workers}"),
         ("tasks x GFLOP", f"{len(futures)} x {flops_per_task / 1e9:.2f}"),
-        ("wall (s)", f"{wall:.2f}"),
+        ("wall (s)", f"{record['wall_s']:.2f}"),
         ("effective GFLOPS", f"{effective:.2f}"),
         ("peak GFLOPS in flight", f"{record['peak_gflops_in_flight']:.2f}"),
         ("task GFLOPS in-process", f"{task_gflops:.2f} ({task_s:.2f} s/task)"),
         ("GEMM GFLOPS per core", f"{gemm_gflops:.2f}"),
         ("efficiency", f"{record['efficiency']:.3f}"),
         ("gap to GEMM ceiling", f"{record['gap_to_gemm_ceiling']:.3f}"),
+        ("BLAS threads per worker", f"{record['blas_threads']}"),
     ]
     if args.compare_ppe:
         rows.append(("ProcessPool efficiency", f"{record['ppe_efficiency']:.3f} "
