@@ -1,6 +1,7 @@
-"""The local backend holds the next event at each busy worker (so the worker goes on without
-waiting for the host); those tasks must still behave as not started: cancel() withdraws them,
-and a task whose cancel() returned True never runs."""
+"""The local backend hands each busy worker its next task too (so the worker goes on without
+waiting for the host). As with ProcessPoolExecutor's queued calls, such a task is running:
+cancel() fails. A task still waiting on the host can be cancelled and then never runs; no
+task runs twice, even when its worker dies."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from concurrent.futures import CancelledError, wait
 
 import pytest
@@ -16,52 +18,63 @@ import lambdafutures
 
 
 def _mark(directory: str, index: int, delay: float) -> int:
-    with open(os.path.join(directory, str(index)), "w"):
+    """Record one run of task `index` (one file per run), then sleep `delay` seconds."""
+    with open(os.path.join(directory, f"{index}.{uuid.uuid4().hex}"), "w"):
         pass
     time.sleep(delay)
     return index
 
 
+def _wait_for(path: str, limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.005)
+
+
+def _mark_then_exit_on(directory: str, index: int, go: str) -> None:
+    """Record a run, wait until `go` exists, then end the worker process abruptly."""
+    _mark(directory, index, 0.0)
+    _wait_for(go)
+    os._exit(3)
+
+
+def _runs(directory: str) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for name in os.listdir(directory):
+        index = int(name.split(".")[0])
+        counts[index] = counts.get(index, 0) + 1
+    return counts
+
+
 def _check(futures, directory: str) -> None:
+    """Cancelled tasks never ran; every other task ran exactly once and returned its index."""
     done, not_done = wait(futures, timeout=120)
     assert not not_done
+    runs = _runs(directory)
     for index, future in enumerate(futures):
-        ran = os.path.exists(os.path.join(directory, str(index)))
         if future.cancelled():
-            assert not ran, f"task {index} was cancelled but ran"
+            assert index not in runs, f"task {index} was cancelled but ran"
             with pytest.raises(CancelledError):
                 future.result(timeout=0)
         else:
             assert future.result(timeout=0) == index
-            assert ran
+            assert runs.get(index) == 1, f"task {index} ran {runs.get(index, 0)} times"
 
 
-def test_a_task_waiting_at_a_busy_worker_can_be_cancelled(tmp_path):
+def test_a_task_handed_to_a_busy_worker_is_running_and_not_cancellable(tmp_path):
     with lambdafutures.LambdaExecutor(max_workers=1, backend="local") as ex:
-        first = ex.submit(_mark, str(tmp_path), 0, 1.0)
-        second = ex.submit(_mark, str(tmp_path), 1, 0.0)  # held at the busy worker
-        third = ex.submit(_mark, str(tmp_path), 2, 0.0)  # pending on the host
-        time.sleep(0.3)
-        assert first.running()
-        assert second.cancel() and second.cancelled()
-        assert third.cancel()
+        first = ex.submit(_mark, str(tmp_path), 0, 0.5)
+        held = ex.submit(_mark, str(tmp_path), 1, 0.0)  # handed to the busy worker
+        queued = ex.submit(_mark, str(tmp_path), 2, 0.0)  # waits on the host
+        assert held.running() and not held.cancel() and not held.cancelled()
+        assert not queued.running() and queued.cancel() and queued.cancelled()
         assert first.result(timeout=30) == 0
-        # The slots the cancelled tasks held serve new work.
+        assert held.result(timeout=30) == 1
+        # The cancelled task's slot serves new work.
         assert ex.submit(_mark, str(tmp_path), 3, 0.0).result(timeout=30) == 3
-    _check([first, second, third], str(tmp_path))
-
-
-def test_a_started_task_cannot_be_cancelled(tmp_path):
-    with lambdafutures.LambdaExecutor(max_workers=1, backend="local") as ex:
-        first = ex.submit(_mark, str(tmp_path), 0, 0.05)
-        second = ex.submit(_mark, str(tmp_path), 1, 1.0)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(os.path.join(tmp_path, "1")):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert not second.cancel()
-        assert second.result(timeout=30) == 1
-    _check([first, second], str(tmp_path))
+    _check([first, held, queued], str(tmp_path))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -72,47 +85,59 @@ def test_cancel_races_with_workers_taking_tasks(tmp_path, seed):
                    for i in range(300)]
         order = list(range(len(futures)))
         rng.shuffle(order)
+        answers: dict[int, bool] = {}
 
-        def cancel_some() -> None:
-            for index in order[:150]:
-                futures[index].cancel()
+        def cancel_some(indices: list[int]) -> None:
+            for index in indices:
+                answers[index] = futures[index].cancel()
                 if rng.random() < 0.1:
                     time.sleep(0.001)
 
-        threads = [threading.Thread(target=cancel_some) for _ in range(2)]
+        threads = [threading.Thread(target=cancel_some, args=(order[n:150:2],))
+                   for n in range(2)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         _check(futures, str(tmp_path))
+        for index, cancelled in answers.items():
+            assert futures[index].cancelled() == cancelled
         assert ex.submit(_mark, str(tmp_path), 1000, 0.0).result(timeout=30) == 1000
 
 
-def test_shutdown_cancel_futures_withdraws_held_tasks(tmp_path):
+def test_shutdown_cancel_futures_cancels_only_tasks_waiting_on_the_host(tmp_path):
     ex = lambdafutures.LambdaExecutor(max_workers=2, backend="local")
-    futures = [ex.submit(_mark, str(tmp_path), i, 0.5 if i < 2 else 0.0) for i in range(8)]
-    time.sleep(0.2)
+    futures = [ex.submit(_mark, str(tmp_path), i, 0.3 if i < 2 else 0.0) for i in range(8)]
+    # Two run and two are held at the busy workers (running too); four wait on the host.
+    assert [f.running() for f in futures] == [True] * 4 + [False] * 4
     ex.shutdown(wait=True, cancel_futures=True)
-    assert [f.cancelled() for f in futures] == [False] * 2 + [True] * 6
+    assert [f.cancelled() for f in futures] == [False] * 4 + [True] * 4
     _check(futures, str(tmp_path))
 
 
-def test_a_crash_passes_held_tasks_on(tmp_path):
+def test_a_task_held_behind_a_crashing_one_runs_elsewhere_exactly_once(tmp_path):
+    runs, go = tmp_path / "runs", str(tmp_path / "go")
+    runs.mkdir()
     with lambdafutures.LambdaExecutor(max_workers=1, backend="local") as ex:
-        crash = ex.submit(os._exit, 3)
-        after = [ex.submit(_mark, str(tmp_path), i, 0.0) for i in range(5)]
+        crash = ex.submit(_mark_then_exit_on, str(runs), 0, go)
+        held = ex.submit(_mark, str(runs), 1, 0.0)  # waits in the doomed worker's socket
+        after = [ex.submit(_mark, str(runs), i, 0.0) for i in range(2, 5)]
+        assert held.running()
+        with open(go, "w"):
+            pass
         with pytest.raises(lambdafutures.WorkerCrashed):
             crash.result(timeout=30)
-        assert [f.result(timeout=30) for f in after] == list(range(5))
+        assert held.result(timeout=30) == 1
+        assert [f.result(timeout=30) for f in after] == [2, 3, 4]
+    assert _runs(str(runs)) == {0: 1, 1: 1, 2: 1, 3: 1, 4: 1}
 
 
 def _mark_then_exit(directory: str, index: int) -> None:
-    with open(os.path.join(directory, str(index)), "w"):
-        pass
+    _mark(directory, index, 0.0)
     os._exit(3)
 
 
-def test_a_crash_behind_a_held_task_runs_nothing_twice(tmp_path):
+def test_a_crash_in_a_held_task_after_it_started_runs_nothing_twice(tmp_path):
     with lambdafutures.LambdaExecutor(max_workers=1, backend="local") as ex:
         first = ex.submit(_mark, str(tmp_path), 0, 0.2)
         crash = ex.submit(_mark_then_exit, str(tmp_path), 1)  # held behind the first one
@@ -121,4 +146,14 @@ def test_a_crash_behind_a_held_task_runs_nothing_twice(tmp_path):
         with pytest.raises(lambdafutures.WorkerCrashed):
             crash.result(timeout=30)
         assert [f.result(timeout=30) for f in after] == list(range(2, 6))
-    assert sorted(os.listdir(tmp_path)) == sorted(str(i) for i in range(6))
+    assert _runs(str(tmp_path)) == {i: 1 for i in range(6)}
+
+
+def test_a_task_held_behind_a_timed_out_one_runs_exactly_once(tmp_path):
+    with lambdafutures.LambdaExecutor(max_workers=1, backend="local", timeout=1.0) as ex:
+        late = ex.submit(_mark, str(tmp_path), 0, 30.0)
+        held = ex.submit(_mark, str(tmp_path), 1, 0.0)
+        with pytest.raises(lambdafutures.TaskTimeout):
+            late.result(timeout=30)
+        assert held.result(timeout=30) == 1
+    assert _runs(str(tmp_path)) == {0: 1, 1: 1}

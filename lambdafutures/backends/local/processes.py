@@ -1,0 +1,92 @@
+"""Starting, ending and describing local worker processes, and how many a machine runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+log = logging.getLogger("lambdafutures")
+
+_BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                          "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+# Like a Lambda sandbox, a worker imports only what is installed: the user's own modules
+# reach it by value (serialize.py), so a task that works here also works on Lambda.
+_NO_CWD_ON_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
+
+# Local worker processes per CPU at most. Each is a whole interpreter (40-60 MB before the
+# task's own data), so `max_workers=500`, natural on Lambda, would start 500 of them and
+# exhaust a laptop's memory. Tasks that wait on I/O (the reason to ask for more workers than
+# CPUs) still overlap at four per CPU; CPU-bound tasks gain nothing past one.
+PROCESSES_PER_CPU = 4
+
+
+def process_cap() -> int:
+    """The most worker processes the local backend runs on this machine."""
+    return PROCESSES_PER_CPU * (os.cpu_count() or 1)
+
+
+def worker_env(blas_threads: int | None, extra: dict[str, str | None] | None) -> dict[str, str]:
+    """The host's environment, `blas_threads` BLAS threads per worker, and `extra` on top (a
+    None value removes a variable)."""
+    env = dict(os.environ)
+    if blas_threads is not None:
+        for variable in _BLAS_THREAD_VARIABLES:
+            env[variable] = str(blas_threads)
+    for name, value in (extra or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def start_worker(timeout: float | None,
+                 env: dict[str, str]) -> tuple[subprocess.Popen, socket.socket]:
+    """Start a worker process; returns it and the host's end of its socket. Returns as soon
+    as the process exists: the worker's interpreter starts meanwhile, and an event sent
+    before it is ready waits in the socket."""
+    host_end, worker_end = socket.socketpair()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, *_NO_CWD_ON_PATH, "-m", "lambdafutures_handler.local_worker",
+             str(worker_end.fileno()), "none" if timeout is None else repr(timeout),
+             str(os.getpid())],
+            pass_fds=(worker_end.fileno(),), env=env, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the host, which then stops its workers
+        )
+    except BaseException:
+        host_end.close()
+        raise
+    finally:
+        worker_end.close()
+    log.debug("started worker process %d", process.pid)
+    return process, host_end
+
+
+def kill(process: subprocess.Popen) -> None:
+    try:
+        process.kill()
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def describe_exit(process: subprocess.Popen) -> str:
+    """How a worker whose socket closed ended (killing it, if it has not within 5 s)."""
+    try:
+        code = process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        kill(process)
+        code = process.returncode
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"worker process {process.pid} was killed by {name}"
+    return f"worker process {process.pid} exited with code {code}"
