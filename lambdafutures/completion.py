@@ -20,9 +20,8 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any
-
 from concurrent.futures import BrokenExecutor
+from typing import TYPE_CHECKING, Any
 
 from tenacity import (
     Retrying,
@@ -50,7 +49,7 @@ _READER_THREADS = 4
 # worker produced. A missing object is not transient.
 RESULT_READ_RETRY = dict(
     stop=stop_after_attempt(6) | stop_after_delay(30),
-    wait=wait_exponential_jitter(0.1, 5),
+    wait=wait_exponential_jitter(max=5, jitter=0.5),
     retry=retry_if_not_exception_type((FileNotFoundError, KeyError)),
     reraise=True,
 )

@@ -23,7 +23,6 @@ import atexit
 import itertools
 import logging
 import sys
-import threading
 import time
 import uuid
 import weakref

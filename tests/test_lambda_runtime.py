@@ -31,6 +31,7 @@ except ImportError as exc:  # the wheel only installs on Linux
     pytest.skip(f"awslambdaric cannot be imported: {exc}", allow_module_level=True)
 
 import cloudpickle
+from events import call_payload, new_executor_id, signed_event
 from runtime_api import RuntimeAPI
 
 from lambdafutures_handler import protocol
@@ -199,18 +200,13 @@ def runtime(aws, tmp_path_factory):
 
 
 def invoke_event(aws: AWS, executor: str, task: int, fn, *args, **kwargs):
-    """A real v1 invoke event with an inline, signed payload; returns (event, key)."""
-    key = protocol.new_key()
-    data = cloudpickle.dumps((fn, [(args, kwargs)], False))
-    event = protocol.make_event(
-        executor=executor, task=task, attempt=0, payload=protocol.inline_blob(data),
-        sig=protocol.sign(key, data), store=aws.store_url, reply=aws.queue_url, key=key,
-        timeout=None, submitted_at=time.time(), limit=protocol.DEFAULT_INLINE_LIMIT)
-    return event, key
+    """A real invoke event with an inline, signed payload; returns (event, key)."""
+    return signed_event(aws.store_url, aws.queue_url, executor, task,
+                        call_payload(fn, *args, **kwargs))
 
 
 def new_executor() -> str:
-    return uuid.uuid4().hex[:12]
+    return new_executor_id()
 
 
 def check_stats(completion: dict, request_id: str) -> None:
@@ -237,7 +233,8 @@ def test_call_runs_and_completion_arrives(runtime, aws):
     assert (completion["v"], completion["executor"], completion["attempt"]) == (
         protocol.VERSION, executor, 0)
     data = base64.b64decode(completion["result"]["inline"])
-    assert protocol.verify(key, data, completion["sig"])
+    assert protocol.completion_is_signed(key, completion)
+    assert protocol.digest(data) == completion["result_sha256"]
     assert cloudpickle.loads(data) == 42
     check_stats(completion, request_id)
     assert completion["stats"]["cold_start"] is first_in_process
@@ -265,12 +262,12 @@ def test_large_result_goes_to_s3(runtime, aws):
     completion = aws.completion(executor, 7, CALL_TIMEOUT_S)
     assert completion is not None, runtime.logs()
     assert completion["status"] == "ok", completion["error"]
-    object_key = completion["result"].get("key")
-    assert object_key == protocol.result_key(executor, 7, 0)
-    assert "inline" not in completion["result"]
+    assert completion["result"] == {"stored": True}
+    object_key = protocol.result_key(executor, 7, 0)
     data = aws.s3.get_object(Bucket=aws.bucket,
                              Key=f"{aws.prefix}/{object_key}")["Body"].read()
-    assert protocol.verify(key, data, completion["sig"])
+    assert protocol.completion_is_signed(key, completion)
+    assert protocol.digest(data) == completion["result_sha256"]
     assert cloudpickle.loads(data) == big_bytes(size)
     check_stats(completion, request_id)
 
@@ -296,7 +293,8 @@ def test_user_exception_is_a_completion_not_a_function_error(runtime, aws):
     assert "in fail" in error["traceback"] and "boom from the task" in error["traceback"]
     # The exception itself travels too, pickled and signed.
     data = base64.b64decode(completion["result"]["inline"])
-    assert protocol.verify(key, data, completion["sig"])
+    assert protocol.completion_is_signed(key, completion)
+    assert protocol.digest(data) == completion["result_sha256"]
     exc = cloudpickle.loads(data)
     assert isinstance(exc, ValueError) and exc.args == ("boom from the task",)
     check_stats(completion, request_id)
