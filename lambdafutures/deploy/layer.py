@@ -170,14 +170,16 @@ def packages_in_zip(data: bytes) -> dict[str, str]:
 
 
 def build_matching_host(requirements: str, pins: dict[str, str], architecture: str,
-                        python: str, built: dict[str, Any]) -> bytes:
+                        python: str, built: dict[str, Any],
+                        run: Callable[[Sequence[str]], Any] | None = None) -> bytes:
     """Build with the host's versions pinned; a pin pip cannot satisfy for Lambda's platform
     is dropped (pip then takes the newest version that has a wheel) and recorded in
     `built["fallbacks"]`."""
     wanted, fallbacks = dict(pins), {}
     while True:
         try:
-            data = build_layer_zip(pinned(requirements, wanted), architecture, python)
+            data = build_layer_zip(pinned(requirements, wanted), architecture, python,
+                                   run=run)
             break
         except LayerBuildError as exc:
             named = {canonical_name(n) for n in _UNAVAILABLE.findall(str(exc))} & set(wanted)

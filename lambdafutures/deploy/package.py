@@ -76,9 +76,10 @@ def unzipped_size(data: bytes) -> int:
         return sum(info.file_size for info in archive.infolist())
 
 
-def check_unzipped_size(parts: dict[str, int], limit: int = UNZIPPED_LIMIT) -> int:
+def check_unzipped_size(parts: dict[str, int], limit: int | None = None) -> int:
     """Refuse when the parts ({"function": bytes, "layer x": bytes}) add up to more than
-    Lambda's unzipped limit; return the total."""
+    `limit` (default: Lambda's unzipped limit); return the total."""
+    limit = UNZIPPED_LIMIT if limit is None else limit
     total = sum(parts.values())
     if total > limit:
         shown = ", ".join(f"{name} {size / 2**20:.1f} MB" for name, size in parts.items())
