@@ -26,6 +26,7 @@ from lambdafutures_handler.transport import S3Store
 
 from ..base import Backend
 from .completions import SqsCompletionQueue, failure_from_record
+from .heartbeat import QueueHeartbeat
 from .lean import make_invoker, make_sqs
 from .limits import DEFAULT_MAX_WORKERS, available_concurrency, default_max_workers
 
@@ -100,6 +101,8 @@ def open_aws_backend(
         completion_sqs, f"{settings['queue_prefix']}{executor_id}", executor_id,
         failure_queue_url=settings.get("failure_queue_url"), receivers=receivers,
         long_poll_s=long_poll_s)
+    # Marks the completion queue alive for `lambdafutures gc` (heartbeat.py).
+    heartbeat = QueueHeartbeat(sqs, completions.queue_url).start()
 
     def delete_objects() -> None:
         store.delete_prefix(f"{executor_id}/")
@@ -121,5 +124,5 @@ def open_aws_backend(
         platform_queue=True,
         closers=[getattr(lambda_invoker, "close", lambda: None),
                  getattr(completion_sqs, "close", lambda: None), completions.close,
-                 delete_objects],
+                 delete_objects, heartbeat.stop],  # closed in reverse: heartbeat first
     )
