@@ -6,7 +6,7 @@ zipped into Lambda with it, so it depends on the standard library only.
 
 Invoke event (JSON, host -> worker):
     v, executor, task, attempt, payload, payload_sha256, store, reply, inline_limit, host,
-    submitted_at, timeout, expires_at, sig
+    submitted_at, timeout, expires_at, output_limit, sig
 Completion message (JSON, worker -> host):
     v, executor, task, attempt, status ("ok" | "error"), result, result_sha256, error,
     stats, output, sig
@@ -128,7 +128,7 @@ def _event_fields(event: dict[str, Any]) -> list:
             "stored" in (event.get("payload") or {}), event.get("payload_sha256"),
             event.get("store"), event.get("reply"), event.get("inline_limit"),
             host.get("python"), host.get("cloudpickle"), event.get("submitted_at"),
-            event.get("timeout"), event.get("expires_at")]
+            event.get("timeout"), event.get("expires_at"), event.get("output_limit")]
 
 
 def _completion_fields(message: dict[str, Any]) -> list:
@@ -266,6 +266,7 @@ def make_event(
     submitted_at: float,
     expires_at: float | None,
     limit: int,
+    output_limit: int = 0,
 ) -> dict[str, Any]:
     event = {
         "v": VERSION,
@@ -281,6 +282,7 @@ def make_event(
         "submitted_at": submitted_at,
         "timeout": timeout,
         "expires_at": expires_at,
+        "output_limit": output_limit,
     }
     sign_event(key, event)
     return event
@@ -324,6 +326,8 @@ def check_event(event: Any) -> None:
     for name in ("timeout", "expires_at"):
         if event.get(name) is not None and not _is_number(event[name]):
             raise ProtocolError(f"invoke event's {name} is not a number")
+    if event.get("output_limit") is not None and not _is_int(event["output_limit"]):
+        raise ProtocolError("invoke event's output_limit is not a count")
 
 
 _ERROR_FIELDS = ("kind", "type", "message", "traceback")

@@ -25,7 +25,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import protocol
+from . import output, protocol
 from .transport import aws_client, open_store, send_reply
 
 WORKER_ID = uuid.uuid4().hex[:12]
@@ -79,9 +79,15 @@ def handle(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         return {"task": event["task"], "status": "expired"}
     watchdog = _TimeoutWatchdog(event, context, stats, key)
     watchdog.start()
+    global _capture
     try:
-        completion = _run(event, stats, store, key)
+        # On Lambda the output also goes to the sandbox's stdout (CloudWatch); a local
+        # worker's stdout is its host's terminal, where the host echoes it only if asked.
+        with output.captured(event.get("output_limit") or 0,
+                             tee=event["reply"] != "local:") as _capture:
+            completion = _run(event, stats, store, key)
     finally:
+        _capture = None
         timed_out = watchdog.cancel()
     if timed_out:
         # The watchdog has reported this task and is ending the process: sending a result
@@ -99,7 +105,8 @@ def _run(event: dict[str, Any], stats: dict[str, Any], store: Any,
         return protocol.make_completion(
             event, key, status="error", stats=stats, result=result, result_sha256=sig,
             error=protocol.error_info(kind, type_name, _clip(message, _MESSAGE_CHARS),
-                                      _clip(tb, _TRACEBACK_CHARS)))
+                                      _clip(tb, _TRACEBACK_CHARS)),
+            output=_output_text())
 
     mine = protocol.runtime_versions()
     theirs = event["host"]
@@ -164,7 +171,15 @@ def _run(event: dict[str, Any], stats: dict[str, Any], store: Any,
     result, sha256 = _store_blob(event, store, key, pickled)
     _finish_stats(stats)
     return protocol.make_completion(event, key, status="ok", stats=stats, result=result,
-                                    result_sha256=sha256)
+                                    result_sha256=sha256, output=_output_text())
+
+
+# The running task's output buffer (one task at a time per sandbox).
+_capture: output.TailBuffer | None = None
+
+
+def _output_text() -> str | None:
+    return _capture.text() if _capture is not None else None
 
 
 # Functions from payloads flagged FN_REUSABLE, by the bytes of their pickle: a warm worker
@@ -218,6 +233,8 @@ def _load_payload(data: bytes) -> tuple[Any, list, bool, bytes | None]:
 def _store_blob(event, store, key: bytes, data: bytes, room: int = 0):
     """(blob reference, SHA-256 of `data`): inline if it fits, else in the store under the
     key both ends compute. `key` is unused: the completion's signature covers the hash."""
+    # The task's output travels in the same message: leave it room too.
+    room += len(json.dumps(_output_text() or ""))
     limit = event.get("inline_limit", protocol.DEFAULT_INLINE_LIMIT) - room
     if protocol.fits_inline(len(data), limit):
         blob = protocol.inline_blob(data)

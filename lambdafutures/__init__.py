@@ -14,7 +14,7 @@ from .errors import (
     WorkerCrashed,
 )
 from .executor import LambdaExecutor
-from .observe.stats import TaskStats, stats_of
+from .observe.stats import TaskStats, output_of, stats_of
 from .serialize import ship_by_value
 from .speculation import Speculation
 
@@ -35,6 +35,7 @@ __all__ = [
     "TaskStats",
     "TaskTimeout",
     "WorkerCrashed",
+    "output_of",
     "ship_by_value",
     "stats_of",
 ]

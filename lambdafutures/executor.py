@@ -42,6 +42,7 @@ LAMBDA_MAX_TIMEOUT_S = 900
 # How long an event may wait in Lambda's async queue (account or function concurrency
 # exhausted) before the worker drops it unrun and the host launches it again.
 DEFAULT_QUEUE_EXPIRY_S = 600.0
+DEFAULT_OUTPUT_LIMIT = 64 * 1024
 
 _interrupted = False
 
@@ -89,6 +90,10 @@ class LambdaExecutor(Executor):
             in each sandbox before its first task of this executor.
         queue_expiry: seconds an event may wait in Lambda's queue before it is dropped unrun
             and launched again (AWS only; default 600).
+        output_limit: characters of each task's output (stdout, stderr, logging) kept and
+            returned, its tail (`lambdafutures.output_of(future)`); 0 turns capture off.
+        echo_output: print each task's output on the host as it completes, each line
+            behind "[task N] ".
         **backend_options: passed to the backend (see README).
     """
 
@@ -103,6 +108,8 @@ class LambdaExecutor(Executor):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
         queue_expiry: float | None = DEFAULT_QUEUE_EXPIRY_S,
+        output_limit: int = DEFAULT_OUTPUT_LIMIT,
+        echo_output: bool = False,
         **backend_options: Any,
     ) -> None:
         # Checked here, by name: a wrong type would otherwise fail deep inside a backend.
@@ -132,6 +139,9 @@ class LambdaExecutor(Executor):
                              f"{LAMBDA_MAX_TIMEOUT_S} s")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        if isinstance(output_limit, bool) or not isinstance(output_limit, int) \
+                or output_limit < 0:
+            raise ValueError("output_limit must be a count of characters, 0 or more")
         if queue_expiry is not None and not queue_expiry > 0:
             raise ValueError("queue_expiry must be a positive number of seconds, or None")
         executor_id = uuid.uuid4().hex[:16]
@@ -150,7 +160,8 @@ class LambdaExecutor(Executor):
             self._scheduler = scheduler.Scheduler(
                 opened, executor_id, max_workers=self._max_workers, timeout=timeout,
                 retries=retries, speculation=speculation,
-                queue_expiry=queue_expiry if opened.platform_queue else None)
+                queue_expiry=queue_expiry if opened.platform_queue else None,
+                output_limit=output_limit, echo_output=echo_output)
         except BaseException:
             opened.close()
             raise

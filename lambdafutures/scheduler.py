@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -44,16 +45,31 @@ live: set[Scheduler] = set()
 _live_lock = threading.Lock()
 
 
+_echo_lock = threading.Lock()
+
+
+def _echo(task_id: int, text: str) -> None:
+    """Print a task's output on the host, each line behind the task's number (the user asked
+    for it with echo_output=True)."""
+    prefix = f"[task {task_id}] "
+    lines = "".join(prefix + line + "\n" for line in text.splitlines())
+    with _echo_lock:
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+
+
 class Scheduler:
     def __init__(self, backend: Backend, executor_id: str, *, max_workers: int,
                  timeout: float | None, retries: int, speculation: Speculation | None,
-                 queue_expiry: float | None) -> None:
+                 queue_expiry: float | None, output_limit: int, echo_output: bool) -> None:
         self.id = executor_id
         self.key = protocol.new_key()
         self.backend = backend
         self.timeout = timeout
         self.retries = retries
         self.queue_expiry = queue_expiry
+        self.output_limit = output_limit
+        self.echo_output = echo_output
         self.table = TaskTable(max_workers + backend.prefetch)
         self.stragglers = StragglerWatch(speculation) if speculation else None
         self.broken: str | None = None
@@ -188,7 +204,7 @@ class Scheduler:
             payload_sha256=task.payload_sha256, store=self.backend.store.url,
             reply=self.backend.reply_url, timeout=self.timeout, submitted_at=task.submitted_at,
             expires_at=None if self.queue_expiry is None else now + self.queue_expiry,
-            limit=self.backend.inline_limit)
+            limit=self.backend.inline_limit, output_limit=self.output_limit)
 
     # -- outcomes (the completion thread, reader threads, invoker threads) --------------------
 
@@ -246,6 +262,8 @@ class Scheduler:
             worker=(message or {}).get("stats")))
         if message is not None and message.get("output"):
             task_stats.attach_output(task.future, message["output"])
+            if self.echo_output:
+                _echo(task.id, message["output"])
         try:
             if result.exception is None:
                 task.future.set_result(result.value)
