@@ -153,7 +153,7 @@ def enrich_traceback(text: str) -> str:
         match = _FRAME.match(line)
         if match is None:
             continue
-        indent = match.group("indent") + "    "
+        indent = match.group("indent") + "  "  # as traceback.StackSummary.format writes it
         following = lines[index + 1] if index + 1 < len(lines) else ""
         if following.startswith(indent) and not _FRAME.match(following):
             continue  # the worker had the source

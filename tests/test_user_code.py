@@ -231,8 +231,10 @@ def test_traceback_names_the_user_file_line_and_source(make_executor, user_code)
     text = info.value.__cause__.text
     line = _LIB.splitlines().index(
         '    raise ValueError(f"cannot fit {y}")  # the failing line') + 1
-    assert f'File "{lib.__file__}", line {line}, in fail' in text
-    assert 'raise ValueError(f"cannot fit {y}")  # the failing line' in text
+    source = 'raise ValueError(f"cannot fit {y}")  # the failing line'
+    # As a local traceback shows it: the frame, then its source line once, indented.
+    assert f'  File "{lib.__file__}", line {line}, in fail\n    {source}\n' in text
+    assert text.count(source) == 1
     assert "<dynamic-code>" not in text
 
 
@@ -250,8 +252,9 @@ def test_traceback_source_comes_from_the_host_when_the_worker_lacks_it(make_exec
         linecache.cache.pop(cell, None)
     assert isinstance(exception, ZeroDivisionError)
     text = exception.__cause__.text
-    assert f'File "{cell}", line 3, in crunch' in text
-    assert "return total / (x - x)  # cell line 3" in text
+    source = "return total / (x - x)  # cell line 3"
+    assert f'  File "{cell}", line 3, in crunch\n    {source}\n' in text
+    assert text.count(source) == 1
 
 
 # -- exceptions keep their type ----------------------------------------------------------------
