@@ -24,7 +24,9 @@ from lambdafutures_handler.transport import FileStore
 
 
 def _executor_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("lambdafutures")}
+    """Threads an executor starts (not those of the test stack's Lambda endpoint)."""
+    return {t for t in threading.enumerate()
+            if t.name.startswith("lambdafutures") and "endpoint" not in t.name}
 
 
 def _alive(pid: int) -> bool:
