@@ -241,7 +241,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         shown = state.detail.split(":layer:")[-1] if ":layer:" in state.detail else name
         _report(kind, shown, status, notes)
     leftovers = queues_with_prefix(aws, deployment.queue_prefix)
-    _say(f"  executor queues: {len(leftovers)} (gc removes old ones)")
+    live = sum(stack.was_alive(aws, url) for url in leftovers)
+    _say(f"  executor queues: {len(leftovers)}, {live} with a live heartbeat (gc removes "
+         "those whose heartbeat stopped)")
     if config is None:
         _say("  no config file for this deployment: run `lambdafutures deploy`")
         good = False

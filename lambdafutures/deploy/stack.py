@@ -149,7 +149,7 @@ def destroy(aws: Aws, deployment: Deployment, report: Report,
     leftovers = queues_with_prefix(aws, deployment.queue_prefix)
     live = 0
     for url in leftovers:
-        live += _was_alive(aws, url)
+        live += was_alive(aws, url)
         aws.sqs.delete_queue(QueueUrl=url)
     report("queues", f"{deployment.queue_prefix}*", f"deleted {len(leftovers)}",
            [f"{live} of them had a live executor"] if live else [])
@@ -158,7 +158,8 @@ def destroy(aws: Aws, deployment: Deployment, report: Report,
         _delete(resource, report, progress)
 
 
-def _was_alive(aws: Aws, url: str) -> bool:
+def was_alive(aws: Aws, url: str) -> bool:
+    """True when the executor queue at `url` has a fresh heartbeat."""
     from ..backends.aws.heartbeat import is_alive  # the backend loads only when needed
 
     try:
