@@ -109,6 +109,9 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--requirements-from-env", nargs="+", metavar="NAME",
                         help="a layer of these packages at this host's installed versions")
     source.add_argument("--no-layer", action="store_true", help="no dependency layer")
+    deploy.add_argument("--ignore-runtime-dates", action="store_true",
+                        help="skip the check of Lambda's runtime deprecation and block dates "
+                             "(for endpoints that are not Lambda: moto, LocalStack)")
 
     status = commands.add_parser("status", help="show what exists and whether it matches")
     common(status)
@@ -205,9 +208,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     aws = _aws(args, previous)
     deployment = stack.bind(aws, _settings(args, previous, aws))
     # Before anything is made: Lambda would refuse a blocked runtime only at the function.
-    deployed = Function(aws, deployment, b"", None).deployed_runtime()
-    for warning in runtimes.check(deployment.python, runtimes.today(), deployed_runtime=deployed):
-        _say(f"warning: {warning}")
+    if not args.ignore_runtime_dates:
+        deployed = Function(aws, deployment, b"", None).deployed_runtime()
+        for warning in runtimes.check(deployment.python, runtimes.today(),
+                                      deployed_runtime=deployed):
+            _say(f"warning: {warning}")
     source = _layer_source(args, previous, deployment)
     s = deployment.settings
     _say(f"deploying {deployment.name!r} to account {deployment.account_id}, {deployment.region}"
