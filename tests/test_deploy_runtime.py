@@ -152,6 +152,12 @@ def test_deploy_refuses_a_blocked_runtime_before_making_anything(
         lam.get_function(FunctionName=name)
     assert not config_file.exists()
 
+    # An endpoint that is not Lambda (moto here) may be told to skip the dates.
+    code, out, _ = run(capsys, "deploy", "--name", name, "--no-layer", "--ignore-runtime-dates")
+    assert code == 0 and "warning" not in out, out
+    assert lam.get_function(FunctionName=name)["Configuration"]["Runtime"] == RUNTIME.identifier
+    assert run(capsys, "destroy", "--yes")[0] == 0
+
 
 @needs_runtime
 def test_deploy_warns_near_deprecation_and_updates_until_the_update_block(
