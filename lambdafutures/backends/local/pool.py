@@ -186,9 +186,10 @@ class WorkerPool:
             try:
                 worker = _Worker(*start_worker(self.timeout, self._env))
             except OSError as exc:
-                log.debug("could not start a worker ahead of need: %s", exc)
+                log.warning("could not start a worker process ahead of need: %s", exc)
                 with self._lock:
                     self._starting -= 1
+                self._start_for_backlog()
                 return
             with self._lock:
                 self._starting -= 1
@@ -199,6 +200,21 @@ class WorkerPool:
             worker.sock.close()  # closed meanwhile: the new worker sees end-of-file
             kill(worker.process)
             return
+
+    def _start_for_backlog(self) -> None:
+        """After a failed start ahead of need: events that waited for that worker get one
+        started now, or are reported if none can be."""
+        with self._lock:
+            stranded: list[tuple[dict, bytes]] = []
+            if self._backlog and not self._closed and not self._starting and (
+                    len(self._workers) < self.size):
+                try:
+                    self._fill(self._spawn())
+                except OSError:
+                    stranded = list(self._backlog)
+                    self._backlog.clear()
+        for event, _ in stranded:
+            self._on_failure(event, protocol.CRASH, "no worker process could be started")
 
     def _wake(self) -> None:
         try:
@@ -304,6 +320,9 @@ class WorkerPool:
                     self._roomy.remove(worker)
         for worker, head in zip(late, heads, strict=True):
             kill(worker.process)
+            # Not blocking: what the dead process sent is all there (a child it forked could
+            # hold the socket open, and must not stall this thread).
+            worker.sock.setblocking(False)
             # Frames the worker sent before it was killed come first: its late event may
             # have ended just now, and the one behind it started.
             while self._take_frames(worker):
