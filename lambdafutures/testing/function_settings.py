@@ -40,10 +40,12 @@ class FunctionSettings:
 
 
 class FunctionCatalog:
-    def __init__(self, moto_url: str, *, max_event_age_s: float | None = None) -> None:
+    def __init__(self, moto_url: str, *,
+                 max_event_age_s: float | dict[str, float] | None = None) -> None:
         self.moto_url = moto_url
         # moto keeps the first event invoke config it was given (updates are not visible
-        # through it), so tests set the age they need here.
+        # through it) and boto3 refuses ages under 60 s, so tests set the age they need
+        # here: for every function, or by function name.
         self.max_event_age_override = max_event_age_s
         self._lock = threading.Lock()
         self._clients: dict[tuple[str, str], Any] = {}
@@ -82,8 +84,11 @@ class FunctionCatalog:
             invoke_config = {}
         destination = ((invoke_config.get("DestinationConfig") or {}).get("OnFailure")
                        or {}).get("Destination")
-        max_age = self.max_event_age_override or invoke_config.get(
-            "MaximumEventAgeInSeconds") or DEFAULT_MAX_EVENT_AGE_S
+        override = self.max_event_age_override
+        if isinstance(override, dict):
+            override = override.get(name)
+        max_age = override or invoke_config.get("MaximumEventAgeInSeconds") \
+            or DEFAULT_MAX_EVENT_AGE_S
         max_retries = invoke_config.get("MaximumRetryAttempts")
         return FunctionSettings(
             name=name, region=region, arn=config["FunctionArn"],

@@ -65,7 +65,8 @@ class LambdaEndpoint:
                  worker_env: dict[str, str | None] | None = None,
                  harsh: bool = False, account_concurrency: int = DEFAULT_ACCOUNT_CONCURRENCY,
                  cpu_quota: bool | None = None, time_scale: float = 1.0,
-                 max_event_age_s: float | None = None, region: str = "us-east-1") -> None:
+                 max_event_age_s: float | dict[str, float] | None = None,
+                 region: str = "us-east-1") -> None:
         """`concurrency`: worker processes per function (fast setting only). `blas_threads`:
         forced on the fast setting's workers (default None: the worker picks them from the
         memory size, handler/sandbox.py). `worker_env`: merged into the sandboxes'
@@ -73,7 +74,8 @@ class LambdaEndpoint:
         account's limit, enforced by the harsh setting and reported by GetAccountSettings.
         `cpu_quota`: each sandbox gets its memory's CPU share (default: when harsh).
         `time_scale`: multiplies Lambda's throttle backoff and retry delays (harsh).
-        `max_event_age_s`: overrides every function's MaximumEventAgeInSeconds."""
+        `max_event_age_s`: overrides the MaximumEventAgeInSeconds of every function, or of
+        those named in a {function name: seconds} dict."""
         self.moto_url = moto_url.rstrip("/")
         self.worker_env = worker_env
         self.concurrency = concurrency

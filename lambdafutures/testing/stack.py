@@ -68,7 +68,8 @@ def start_stack(*, moto_url: str | None = None, name: str = "lambdafutures-test"
                 latency_s: float = 0.0, run: bool = True, config_dir: str | None = None,
                 harsh: bool = False, account_concurrency: int | None = None,
                 reserved_concurrency: int | None = None, memory_mb: int | None = None,
-                time_scale: float = 1.0, max_event_age_s: float | None = None,
+                time_scale: float = 1.0,
+                max_event_age_s: float | dict[str, float] | None = None,
                 cpu_quota: bool | None = None,
                 worker_env: dict[str, str | None] | None = None) -> Stack:
     """Start (or join) a moto server, start the Lambda endpoint, deploy into them, and point
@@ -103,6 +104,7 @@ def start_stack(*, moto_url: str | None = None, name: str = "lambdafutures-test"
         "AWS_ENDPOINT_URL": moto_url,
         "AWS_ENDPOINT_URL_LAMBDA": lambda_url,
         "AWS_DEFAULT_REGION": region,
+        "AWS_REGION": region,
         "LAMBDAFUTURES_CONFIG": config_path,
     }
     os.environ.update(env)
