@@ -17,11 +17,14 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import rates
 from .rates import step_in_flight  # also public here, as before rates.py existed
 from .stats import TaskStats, collect
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("lambdafutures")
 
@@ -48,7 +51,7 @@ def _in_notebook() -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
-def _figure(width: float, height: float, **layout: Any) -> Any:
+def _figure(width: float, height: float, **layout: Any) -> Figure:
     """A Figure that a notebook shows once, as the value returned, and that opens no window
     in a script.
 
@@ -84,7 +87,7 @@ def _stats(futures: Iterable[Future]) -> list[TaskStats]:
     return sorted(stats, key=lambda s: (s.host_submit, s.task))
 
 
-def _save(fig: Any, path: str | os.PathLike[str] | None) -> Any:
+def _save(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
     if path is not None:
         fig.savefig(os.fspath(path), format="png", dpi=120)
         log.debug("wrote %s", os.fspath(path))
@@ -96,7 +99,7 @@ def _origin_label(start: float | None) -> str:
 
 
 def timeline(futures: Iterable[Future], path: str | os.PathLike[str] | None = None,
-             title: str | None = None, start: float | None = None) -> Any:
+             title: str | None = None, start: float | None = None) -> Figure:
     """One row per task, sorted by submit time (first on top); returns the Figure and,
     given `path`, writes it as a PNG.
 
@@ -220,7 +223,7 @@ def _effective_curve(stats: Sequence[TaskStats], weight: float, start: float | N
 def throughput(futures: Iterable[Future], path: str | os.PathLike[str] | None = None,
                flops_per_task: float | None = None, title: str | None = None,
                start: float | None = None, ceiling_gflops: float | None = None,
-               ceiling_label: str = "ceiling") -> Any:
+               ceiling_label: str = "ceiling") -> Figure:
     """Throughput over time above the count of running tasks; returns the Figure and,
     given `path`, writes it as a PNG.
 
