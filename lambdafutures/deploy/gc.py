@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .aws import Aws, is_error
@@ -128,7 +129,8 @@ def _queue_url(aws: Aws, name: str) -> str | None:
         raise
 
 
-def _executor_objects(aws: Aws, deployment: Deployment):
+def _executor_objects(aws: Aws,
+                      deployment: Deployment) -> Iterator[tuple[str, list[str], float]]:
     """(executor id, keys, newest LastModified) for each executor folder under the prefix."""
     base = f"{deployment.prefix}/"
     folders: dict[str, tuple[list[str], float]] = {}
