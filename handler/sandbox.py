@@ -64,9 +64,53 @@ def configure(environ: os._Environ | dict[str, str] | None = None) -> int | None
 
 
 def blas_threads() -> int | None:
-    """The BLAS thread count set for this process (by this module, the user or the local
-    backend), or None when nothing was set and the BLAS library picks its own."""
+    """The BLAS thread count set for this process (by this module, the user, the local
+    backend or `set_blas_threads`), or None when nothing was set and the BLAS library
+    picks its own."""
     return _chosen
+
+
+# OpenBLAS's setter as numpy's wheels (scipy-openblas, 64-bit ints) and plain builds name it.
+_OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads")
+
+
+def set_blas_threads(count: int) -> int:
+    """Use `count` BLAS threads from now on, also in a warm sandbox where numpy has loaded
+    OpenBLAS already (its setter is called through ctypes, as threadpoolctl does). Returns
+    how many loaded OpenBLAS libraries took it (0: none is loaded yet, and the variables
+    set here take effect when one loads)."""
+    global _chosen
+    if count < 1:
+        raise ValueError("BLAS threads must be at least 1")
+    for variable in BLAS_THREAD_VARIABLES:
+        os.environ[variable] = str(count)
+    _chosen = count
+    applied = 0
+    for path in _loaded_openblas():
+        import ctypes
+
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _OPENBLAS_SETTERS:
+            setter = getattr(library, name, None)
+            if setter is not None:
+                setter(ctypes.c_int(count))
+                applied += 1
+                break
+    return applied
+
+
+def _loaded_openblas() -> list[str]:
+    """Paths of the OpenBLAS libraries mapped into this process (Linux; elsewhere none)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(None, 5)[-1].strip() for line in maps if "openblas" in line}
+    except OSError:
+        return []
+    return sorted(path for path in paths if path.startswith("/"))
 
 
 _chosen = configure()

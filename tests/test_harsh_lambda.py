@@ -225,3 +225,43 @@ def test_cpu_share_follows_memory_size(harsh_stack):
     if (os.cpu_count() or 1) < 2 or cpu_2 / wall_2 < 1.5:
         pytest.skip(f"this machine did not give the 3,538 MB sandbox two CPUs: {timings}")
     assert wall_1 / wall_2 >= 1.3, timings
+
+
+# -- handler/sandbox.py without a stack -----------------------------------------------------
+
+@pytest.mark.parametrize("environ, threads, openblas", [
+    ({"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "2048"}, 1, "1"),
+    ({"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "10240"}, min(5, os.cpu_count() or 1),
+     str(min(5, os.cpu_count() or 1))),
+    ({"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "2048", "LAMBDAFUTURES_BLAS_THREADS": "3",
+      "OMP_NUM_THREADS": "2"}, 3, "3"),
+    ({"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "2048", "OMP_NUM_THREADS": "2"}, 2, None),
+    ({"LAMBDAFUTURES_BLAS_THREADS": "3"}, None, None),  # a host: left alone
+])
+def test_blas_threads_follow_memory_unless_the_user_chose(environ, threads, openblas):
+    from lambdafutures_handler import sandbox
+
+    environ = dict(environ)
+    assert sandbox.configure(environ) == threads
+    assert environ.get("OPENBLAS_NUM_THREADS") == openblas
+
+
+def test_blas_threads_change_in_a_sandbox_where_numpy_is_loaded():
+    import subprocess
+    import sys
+
+    script = (
+        "import ctypes, numpy\n"
+        "from lambdafutures_handler import sandbox\n"
+        "numpy.ones((2, 2)) @ numpy.ones((2, 2))\n"
+        "before = sandbox.blas_threads()\n"
+        "assert sandbox.set_blas_threads(2) >= 1\n"
+        "lib = ctypes.CDLL(sandbox._loaded_openblas()[0])\n"
+        "get = getattr(lib, 'scipy_openblas_get_num_threads64_', None) or "
+        "lib.openblas_get_num_threads\n"
+        "print(before, get(), sandbox.blas_threads())\n")
+    env = {"PATH": os.environ.get("PATH", ""), "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "2048"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "2", "2"]

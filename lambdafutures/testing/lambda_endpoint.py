@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -90,7 +91,8 @@ class LambdaEndpoint:
         self._lock = threading.Lock()
         self._pools: dict[tuple[str, str], tuple[tuple, WorkerPool]] = {}
         self._fleets: dict[tuple[str, str], tuple[tuple, Fleet]] = {}
-        self._task_root = tempfile.mkdtemp(prefix="lambdafutures-task-")
+        self._task_root_dir: str | None = None
+        self._task_root_lock = threading.Lock()  # taken under self._lock
         self._server = LoopbackServer((host, port), self._handler_class())
         use_quota = harsh if cpu_quota is None else cpu_quota
         self.quota = CpuQuota() if use_quota and CpuQuota.available() else None
@@ -124,7 +126,19 @@ class LambdaEndpoint:
             fleet.close()
         if self.quota is not None:
             self.quota.stop()
-        shutil.rmtree(self._task_root, ignore_errors=True)
+        if self._task_root_dir is not None:
+            shutil.rmtree(self._task_root_dir, ignore_errors=True)
+
+    @property
+    def _task_root(self) -> str:
+        """LAMBDA_TASK_ROOT and the sandboxes' working directory (on their sys.path, as
+        /var/task is): an empty directory, made when the first sandbox needs it."""
+        with self._task_root_lock:
+            if self._task_root_dir is None:
+                self._task_root_dir = tempfile.mkdtemp(prefix="lambdafutures-task-")
+                # Also gone at exit for an endpoint nobody stopped.
+                weakref.finalize(self, shutil.rmtree, self._task_root_dir, True)
+            return self._task_root_dir
 
     # -- sandboxes ------------------------------------------------------------------------------
 
