@@ -172,6 +172,18 @@ def test_helper_module_in_a_closure_and_a_default(make_executor, user_code):
     assert ex.submit(through_default, 6).result(timeout=60) == 12
 
 
+def test_module_attribute_that_cannot_travel_is_explained_where_it_is_used(make_executor,
+                                                                           user_code):
+    # The helper module holds a lock: a task using only its functions runs; one that reaches
+    # the lock learns why it is missing on the worker.
+    lib = user_code.lib()
+    ex = make_executor()
+    assert ex.submit(lambda x: lib.double(x), 2).result(timeout=60) == 4
+    exception = ex.submit(lambda: lib.LOCK).exception(timeout=60)
+    assert isinstance(exception, AttributeError)
+    assert "LOCK" in str(exception) and "cannot be pickled" in str(exception)
+
+
 def test_module_imported_from_the_working_directory(make_executor, tmp_path, monkeypatch):
     # As in a notebook: sys.path holds "" and the helper sits in the notebook's directory.
     name = _fresh("nbhelpers")
