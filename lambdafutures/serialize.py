@@ -15,6 +15,13 @@ site-packages and the standard library go by reference, as cloudpickle does by d
 `ship_by_value` overrides the rule either way. What the rule cannot see is an `import`
 statement run inside the task: the worker imports that name itself.
 
+A module reached as an object (`mylib.double`, not `from mylib import double`) travels
+whole, with every attribute that pickles, in each payload that reaches it: a large global
+of such a module costs every task. Attributes that do not pickle (a lock) are left out,
+and the worker's module explains a missing one if the task reads it. Globals read in the
+body of a class defined inside a function are shipped too (cloudpickle ships only those
+that functions read).
+
 Code pickled by value keeps its real file name (cloudpickle would write "<dynamic-code>"),
 so that remote tracebacks name the user's file and line; the host adds the source lines
 (lambdafutures.remote).
@@ -34,6 +41,7 @@ from __future__ import annotations
 import builtins
 import dis
 import functools
+import inspect
 import io
 import logging
 import operator
@@ -156,7 +164,47 @@ class _Pickler(cloudpickle.Pickler):
         return _cloudpickle_reducer_override(self, obj)
 
 
+    if hasattr(cloudpickle.Pickler, "_dynamic_function_reduce"):
+        def _dynamic_function_reduce(self, func: types.FunctionType) -> Any:
+            reduced = super()._dynamic_function_reduce(func)
+            names = _class_body_names(func.__code__)
+            if names:
+                _add_class_body_globals(func, reduced, names)
+            return reduced
+
+
 _cloudpickle_reducer_override = cloudpickle.Pickler.reducer_override
+_class_body_facts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _class_body_names(code: types.CodeType) -> tuple[str, ...]:
+    """The names that class bodies nested in `code` read by LOAD_NAME: a global used in
+    the body of a class defined inside the task (`class Point: x = DEFAULT`). cloudpickle
+    ships only the names read by LOAD_GLOBAL, so the worker would raise NameError."""
+    names = _class_body_facts.get(code)
+    if names is None:
+        found: set[str] = set()
+        pending = [const for const in code.co_consts if isinstance(const, types.CodeType)]
+        while pending:
+            nested = pending.pop()
+            if not nested.co_flags & inspect.CO_NEWLOCALS:  # a class body, not a function
+                found.update(instruction.argval for instruction in dis.get_instructions(nested)
+                             if instruction.opname == "LOAD_NAME")
+            pending.extend(const for const in nested.co_consts
+                           if isinstance(const, types.CodeType))
+        names = _class_body_facts[code] = tuple(sorted(found))
+    return names
+
+
+def _add_class_body_globals(func: types.FunctionType, reduced: Any,
+                            names: tuple[str, ...]) -> None:
+    try:
+        shipped = reduced[2][1]["__globals__"]
+    except (IndexError, KeyError, TypeError):
+        return  # another cloudpickle's layout: ship what it ships
+    for name in names:
+        if name in func.__globals__ and name not in shipped:
+            shipped[name] = func.__globals__[name]
 _code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
 
 

@@ -172,6 +172,20 @@ def test_helper_module_in_a_closure_and_a_default(make_executor, user_code):
     assert ex.submit(through_default, 6).result(timeout=60) == 12
 
 
+DEFAULT_WIDTH = 7
+
+
+def make_box():
+    class Box:  # its body reads a global: cloudpickle alone does not send it
+        width = DEFAULT_WIDTH
+
+    return Box.width
+
+
+def test_class_defined_in_the_task_reads_a_global_in_its_body(make_executor):
+    assert make_executor().submit(make_box).result(timeout=60) == 7
+
+
 def test_module_attribute_that_cannot_travel_is_explained_where_it_is_used(make_executor,
                                                                            user_code):
     # The helper module holds a lock: a task using only its functions runs; one that reaches
