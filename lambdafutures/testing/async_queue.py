@@ -6,7 +6,9 @@ most that many at once; the others share the account's unreserved concurrency (t
 limit minus every reservation). An event that finds no slot is throttled and goes back to
 the queue with Lambda's backoff: 1 s after the first throttle, doubling up to 5 minutes.
 A slot that frees meanwhile is not offered to it, which is how queued events come to wait
-far longer than the work ahead of them. An event older than the function's
+far longer than the work ahead of them. (Lambda documents no jitter; each delay here is
+drawn from 75-100% of the documented one, so that throttled events do not all come back
+in the same instant, and never later than Lambda's.) An event older than the function's
 MaximumEventAgeInSeconds is dropped to the failure destination (EventAgeExceeded); a
 function error is retried MaximumRetryAttempts times (1 then 2 minutes later) before it is
 (RetriesExhausted). `time_scale` multiplies Lambda's backoff and retry delays (not the event
@@ -18,6 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import random
 import threading
 import time
 import uuid
@@ -66,13 +69,14 @@ Dropper = Callable[[QueuedEvent, str], None]
 class AsyncQueue:
     def __init__(self, *, account_concurrency: int, settings: Callable[[str, str], QueueSettings],
                  reserved_total: Callable[[str], int], run: Runner, drop: Dropper,
-                 time_scale: float = 1.0) -> None:
+                 time_scale: float = 1.0, seed: int | None = 0) -> None:
         self.account_concurrency = account_concurrency
         self._settings = settings
         self._reserved_total = reserved_total
         self._run = run
         self._drop = drop
         self.time_scale = time_scale
+        self._random = random.Random(seed)
         self._cond = threading.Condition()
         self._heap: list[QueuedEvent] = []
         self._seq = itertools.count()
@@ -140,6 +144,7 @@ class AsyncQueue:
             event.throttles += 1
             backoff = min(THROTTLE_BACKOFF_FIRST_S * 2 ** (event.throttles - 1),
                           THROTTLE_BACKOFF_MAX_S) * self.time_scale
+            backoff *= self._random.uniform(0.75, 1.0)
             self._requeue(event, min(now + backoff, expires))
             return
         event.invokes += 1
