@@ -26,8 +26,10 @@ and reports its efficiency as ppe_efficiency.
 The default 16 tasks (8 rounds on 2 workers) keep the workers' one-off cold start
 (~0.04 s process start + ~0.04 s importing numpy on the first unpickle, reported as
 cold_start_s_mean and cold_setup_s_mean) near 1% of the wall time. With the defaults, the
-whole command (baselines, map, plots) took 73-111 s on a 2-core machine whose cores other
-work was using (others_cpu_s 80-160 s).
+whole command (baselines, map, plots) took 43-121 s in 12 runs on a 2-core machine that
+other work kept busy (others_cpu_s 28-163 s per run); minus half the CPU seconds the
+others took, that is 16-25 s, in line with the 21.6 s an earlier idle run took: count on
+about 20 s on two idle cores, and several times that on shared ones.
 
 The fields *_others_cpu_s say how much CPU other processes on the machine took meanwhile
 (Linux); on a shared machine, a run with a large figure there measured the neighbours.
