@@ -141,18 +141,24 @@ class AsyncQueue:
         if not self._take_slot(event, settings):
             with self._cond:
                 self.throttles += 1
-            event.throttles += 1
-            backoff = min(THROTTLE_BACKOFF_FIRST_S * 2 ** (event.throttles - 1),
-                          THROTTLE_BACKOFF_MAX_S) * self.time_scale
-            backoff *= self._random.uniform(0.75, 1.0)
-            self._requeue(event, min(now + backoff, expires))
+            self._back_off(event, now, expires)
             return
-        event.invokes += 1
+        event.invokes += 1  # before it starts: it may end (and _done read this) at once
         try:
             self._run(event, lambda outcome: self._done(event, settings, outcome))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a 5xx of Lambda's own: retried as a throttle is
+            log.warning("lambda endpoint: could not start event %s; it goes back to the queue",
+                        event.request_id, exc_info=True)
+            event.invokes -= 1
             self._give_slot(event, settings)
-            raise
+            self._back_off(event, now, expires)
+
+    def _back_off(self, event: QueuedEvent, now: float, expires: float) -> None:
+        event.throttles += 1
+        backoff = min(THROTTLE_BACKOFF_FIRST_S * 2 ** (event.throttles - 1),
+                      THROTTLE_BACKOFF_MAX_S) * self.time_scale
+        backoff *= self._random.uniform(0.75, 1.0)
+        self._requeue(event, min(now + backoff, expires))
 
     def _take_slot(self, event: QueuedEvent, settings: QueueSettings) -> bool:
         key = (event.region, event.function)

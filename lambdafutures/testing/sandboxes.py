@@ -91,6 +91,7 @@ class Sandbox:
         self._current: Invocation | None = None
         self._delivered = False
         self._closing = False
+        self._dead = False  # the process has exited: run() refuses events
         self._server = LoopbackServer(("127.0.0.1", 0), self._handler_class())
         self._server.start(f"runtime-api-{spec.function_name}")
         host, port = self._server.server_address[:2]
@@ -106,13 +107,17 @@ class Sandbox:
 
     # -- the fleet's side ---------------------------------------------------------------------
 
-    def run(self, invocation: Invocation) -> None:
+    def run(self, invocation: Invocation) -> bool:
+        """Give the sandbox its next event; False if its process has died meanwhile."""
         with self._cond:
+            if self._dead:
+                return False
             assert self._current is None, "a sandbox runs one event at a time"
             invocation.assigned_at = time.monotonic()
             self._current = invocation
             self._delivered = False
             self._cond.notify_all()
+            return True
 
     def close(self) -> None:
         """Kill the process; an event it was running ends as a crash."""
@@ -128,6 +133,8 @@ class Sandbox:
         while True:
             code = self.process.poll()
             if code is not None:
+                with self._cond:
+                    self._dead = True
                 self._finish(Outcome(CRASH, _exit_error(code),
                                      f"sandbox process exited: {_describe_exit(code)}"))
                 break
@@ -141,6 +148,8 @@ class Sandbox:
                     self._cond.wait(_SUPERVISE_S)
                     continue
             # Past its deadline: Lambda stops the sandbox and reports a timeout.
+            with self._cond:
+                self._dead = True
             self._kill()
             self._finish(Outcome(TIMEOUT, {
                 "errorType": "Sandbox.Timedout",
@@ -275,17 +284,20 @@ class Fleet:
         self.cold_starts = 0
 
     def run(self, invocation: Invocation) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("fleet is closed")
-            sandbox = self._idle.pop() if self._idle else None
-            if sandbox is None:
-                self.cold_starts += 1
-        if sandbox is None:
-            sandbox = Sandbox(self.spec, self._quota, self._idle_again, self._gone)
+        while True:
             with self._lock:
-                self._all.add(sandbox)
-        sandbox.run(invocation)
+                if self._closed:
+                    raise RuntimeError("fleet is closed")
+                sandbox = self._idle.pop() if self._idle else None
+                if sandbox is None:
+                    self.cold_starts += 1
+            if sandbox is None:
+                sandbox = Sandbox(self.spec, self._quota, self._idle_again, self._gone)
+                with self._lock:
+                    self._all.add(sandbox)
+            if sandbox.run(invocation):
+                return
+            # An idle sandbox whose process died before its supervisor noticed: next one.
 
     def _idle_again(self, sandbox: Sandbox) -> None:
         with self._lock:
