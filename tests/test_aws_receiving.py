@@ -239,10 +239,11 @@ class SpySqs(LeanSqsClient):
 @pytest.mark.parametrize("kind", RECEIVERS)
 def test_close_joins_every_thread_promptly_during_long_polls(sqs, kind):
     session, client = sqs
+    failures = client.create_queue(QueueName=f"lf-recv-{uuid.uuid4().hex[:8]}")["QueueUrl"]
     spy = SpySqs(client, session, connections=8) if kind == "lean" else None
-    queue = open_queue(sqs, kind, client=spy)
+    queue = open_queue(sqs, kind, client=spy, failure_queue_url=failures)
     if spy is not None:
-        for _ in range(4):  # every receiver is in its 20 s long poll
+        for _ in range(5):  # every receiver is in its poll (the own queue's last 20 s)
             assert spy.entered.acquire(timeout=10)
     started = time.monotonic()
     queue.close()
@@ -252,6 +253,7 @@ def test_close_joins_every_thread_promptly_during_long_polls(sqs, kind):
     with pytest.raises(ClientError, match="NonExistentQueue|does not exist"):
         client.get_queue_attributes(QueueUrl=queue.queue_url, AttributeNames=["All"])
     queue.close()  # a second close is harmless
+    client.delete_queue(QueueUrl=failures)
 
 
 # -- the concurrency available --------------------------------------------------------------
@@ -415,3 +417,56 @@ def test_partial_throttling_does_not_drain_the_budget():
         invoker.invoke({"task": n})
     assert client.calls == 100
     assert budget.tokens == pytest.approx(20)
+
+
+# -- through an executor --------------------------------------------------------------------
+
+def executor_queue(make):
+    """An executor on the AWS stack and the URL of its completion queue (the one queue of
+    the deployment's prefix that its creation added)."""
+    from lambdafutures import config
+
+    client = boto3.client("sqs")
+    prefix = config.load_deployment()["queue_prefix"]
+
+    def listed():
+        return set(client.list_queues(QueueNamePrefix=prefix).get("QueueUrls", []))
+
+    before = listed()
+    executor = make()
+    (queue_url,) = listed() - before
+    return executor, client, queue_url
+
+
+def test_an_executor_ignores_poison_and_keeps_working(aws_stack):
+    from lambdafutures import LambdaExecutor
+
+    executor, client, queue_url = executor_queue(
+        lambda: LambdaExecutor(max_workers=4, backend="aws", timeout=30))
+    with executor:
+        assert executor.submit(pow, 2, 10).result(timeout=60) == 1024
+        for body in ["[]", '"x"', "{}", "not json", "z" * 200_000,
+                     json.dumps(record({"some": "other application"})),
+                     json.dumps({"hint": "crash", "message": "forged", "event": {}}),
+                     json.dumps({"v": protocol.VERSION, "task": "0", "error": "boom"})]:
+            client.send_message(QueueUrl=queue_url, MessageBody=body)
+        assert list(executor.map(pow, range(12), [2] * 12, timeout=60)) == [
+            n * n for n in range(12)]
+        assert wait_until_empty(client, queue_url)
+
+
+def test_shutdown_joins_the_executors_threads_promptly(aws_stack):
+    from lambdafutures import LambdaExecutor
+
+    before = set(threading.enumerate())
+    executor = LambdaExecutor(max_workers=4, backend="aws", timeout=30)
+    assert executor.submit(pow, 3, 2).result(timeout=60) == 9
+    started = {thread for thread in set(threading.enumerate()) - before
+               if thread.name.startswith("lambdafutures-")
+               and not thread.name.startswith("lambdafutures-endpoint")}  # the stack's own
+    assert {"lambdafutures-receiver-0", "lambdafutures-acker", "lambdafutures-completion",
+            "lambdafutures-invoker-0"} <= {thread.name for thread in started}
+    began = time.monotonic()
+    executor.shutdown(wait=True)
+    assert time.monotonic() - began < 3.0
+    assert not [thread.name for thread in started if thread.is_alive()]

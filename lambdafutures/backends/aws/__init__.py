@@ -120,8 +120,6 @@ def open_aws_backend(
         sandbox_timeout=float(sandbox_timeout) if sandbox_timeout else None,
         default_max_workers=default_workers,
         concurrency_limit=available,
-        # Lambda queues accepted async events when the function is at its concurrency.
-        platform_queue=True,
         closers=[getattr(lambda_invoker, "close", lambda: None),
                  getattr(completion_sqs, "close", lambda: None), completions.close,
                  delete_objects, heartbeat.stop],  # closed in reverse: heartbeat first

@@ -36,9 +36,12 @@ log = logging.getLogger("lambdafutures")
 
 # How long the deleter waits for a fuller batch: far below any visibility timeout.
 _DELETE_LINGER_S = 0.2
-# Without a client whose receives can be cut (boto3's), a receiver polls this briefly, so
-# that close() is not held by a long poll.
-_UNINTERRUPTIBLE_POLL_S = 1
+# Polls that are never cut, so that close() is not held by a long poll: all of them with a
+# client whose receives cannot be cut (boto3's), and always those of the shared failure
+# queue. A poll cut on our side lives on in SQS until its wait ends, and a record that
+# arrives meanwhile would go to it and stay invisible for the queue's visibility timeout,
+# delaying a sibling's crash report by as much; a short poll, waited out, forwards it.
+_SHORT_POLL_S = 1
 # How long close() waits for each thread; they normally end within milliseconds.
 _JOIN_TIMEOUT_S = 15.0
 _WAKE = object()  # put in the local queue to wake `receive` after a receiver failed
@@ -58,7 +61,7 @@ class SqsCompletionQueue:
         self._queue_prefix = queue_name[:-len(executor_id)]
         self._interrupt = getattr(sqs, "interrupt_receives", None)
         self._long_poll_s = (long_poll_s if self._interrupt is not None
-                             else min(long_poll_s, _UNINTERRUPTIBLE_POLL_S))
+                             else min(long_poll_s, _SHORT_POLL_S))
         self.queue_url: str = QUEUE.call(lambda: sqs.create_queue(
             QueueName=queue_name,
             Attributes={"SqsManagedSseEnabled": "true", "MessageRetentionPeriod": "86400"},
@@ -113,7 +116,7 @@ class SqsCompletionQueue:
             return
         self._closed.set()
         if self._interrupt is not None:
-            self._interrupt()  # ends the long polls in flight now
+            self._interrupt(self.queue_url)  # ends the long polls in flight now
         for thread in self._receivers:
             thread.join(_JOIN_TIMEOUT_S)
         self._acks.put(None)
@@ -129,11 +132,11 @@ class SqsCompletionQueue:
     # -- receivers ----------------------------------------------------------------------------
 
     def _receive_loop(self, queue_url: str, shared: bool) -> None:
+        wait_s = min(self._long_poll_s, _SHORT_POLL_S) if shared else self._long_poll_s
         try:
             while not self._closed.is_set():
                 response = RECEIVE.call(lambda: self._sqs.receive_message(
-                    QueueUrl=queue_url, MaxNumberOfMessages=10,
-                    WaitTimeSeconds=self._long_poll_s,
+                    QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_s,
                     MessageAttributeNames=[], AttributeNames=[]), until=self._closed)
                 for raw in response.get("Messages", ()):
                     self._take(queue_url, raw, shared)

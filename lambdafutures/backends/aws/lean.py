@@ -16,8 +16,8 @@ so this module sends the very same requests itself (over signed_http.py):
 
 The invoker retries under `retry.INVOKE`, paid from its `RetryBudget`; the SQS client sends
 each request once, as the boto3 client it stands in for is configured to (the completion
-queue applies `retry.RECEIVE` / `retry.DELETE` itself). Its receives can be cut from another
-thread (`interrupt_receives`), so a shutdown does not wait out a long poll.
+queue applies `retry.RECEIVE` / `retry.DELETE` itself). Its receives from a queue can be cut
+from another thread (`interrupt_receives`), so a shutdown does not wait out a long poll.
 
 Proxies and client certificates are not handled here: `lean_unsupported` names the reason
 and the backend then uses boto3 for that client.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 from urllib.parse import quote
 
@@ -108,30 +109,47 @@ class LeanSqsClient:
     once each (no retries: the caller's policy decides); every other method is the boto3
     client's own. Results have the shape boto3 returns (without ResponseMetadata).
 
-    Receives go over connections of their own, which `interrupt_receives` cuts: a receive in
-    flight, or started later, raises `Interrupted`, while deletes still go through."""
+    Receives from each queue go over connections of their own, which
+    `interrupt_receives(queue_url)` cuts: a receive from that queue in flight, or started
+    later, raises `Interrupted`, while deletes and other queues' receives still go through."""
 
     def __init__(self, client: Any, session: Any, *, connections: int = 10) -> None:
         self._client = client
+        self._session = session
+        self._connections = connections
         self.transport = SignedTransport(client, session, "sqs", connections=connections)
-        self._receiving = SignedTransport(client, session, "sqs", connections=connections,
-                                          interruptible=True)
+        self._receiving: dict[str, SignedTransport] = {}
+        self._receiving_lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
     def receive_message(self, **params: Any) -> dict[str, Any]:
-        return self._call(self._receiving, "ReceiveMessage", params)
+        return self._call(self._receiving_from(params.get("QueueUrl", "")), "ReceiveMessage",
+                          params)
 
     def delete_message_batch(self, **params: Any) -> dict[str, Any]:
         return self._call(self.transport, "DeleteMessageBatch", params)
 
-    def interrupt_receives(self) -> None:
-        self._receiving.interrupt()
+    def interrupt_receives(self, queue_url: str) -> None:
+        self._receiving_from(queue_url).interrupt()
 
     def close(self) -> None:
-        self._receiving.close()
-        self.transport.close()
+        with self._receiving_lock:
+            receiving = list(self._receiving.values())
+        for transport in [*receiving, self.transport]:
+            transport.close()
+
+    def _receiving_from(self, queue_url: str) -> SignedTransport:
+        transport = self._receiving.get(queue_url)  # a dict read is atomic: no lock
+        if transport is None:
+            with self._receiving_lock:
+                transport = self._receiving.get(queue_url)
+                if transport is None:
+                    transport = self._receiving[queue_url] = SignedTransport(
+                        self._client, self._session, "sqs", connections=self._connections,
+                        interruptible=True)
+        return transport
 
     @staticmethod
     def _call(transport: SignedTransport, operation: str,
