@@ -468,9 +468,11 @@ def test_a_foreign_invoke_leaves_executors_working(open_executor, principal):
 # -- 5. sandbox hygiene -----------------------------------------------------------------------
 
 def closure_over(secret):
-    def task(x):
+    def task(x, also_secret):
+        print(f"the secret is {secret}")  # its output, too, must not stay behind
+        logging.getLogger("a-user").warning("the secret is %s", also_secret)
         time.sleep(0.3)  # so that the tasks spread over the sandboxes
-        return x + len(secret)
+        return x + len(secret) + len(also_secret)
     return task
 
 
@@ -479,19 +481,21 @@ def _holds(value, secret) -> bool:
         return secret in value
     if isinstance(value, (bytes, bytearray)):
         return secret.encode() in value
-    if isinstance(value, (tuple, list)):
-        return any(_holds(item, secret) for item in value[:100])
     return False
 
 
-def search_sandbox(secret, other_executor):
-    """(this sandbox's worker id, what of `other_executor` it can still reach). Takes the
-    secret as an argument, never in a closure, so as not to find itself."""
+def search_sandbox(reversed_secret, other_executor):
+    """(this sandbox's worker id, what of `other_executor` it can still reach): functions
+    whose closure or globals hold the secret, containers that hold it as text, and the
+    other executor's messages. The secret comes reversed, and lives here in a local only,
+    so that the search does not find its own arguments."""
     import gc
     import types
+    from collections import deque
 
     from lambdafutures_handler import worker
 
+    secret = reversed_secret[::-1]
     time.sleep(0.3)
     found = []
     seen_globals = set()
@@ -507,8 +511,14 @@ def search_sandbox(secret, other_executor):
                 seen_globals.add(id(obj.__globals__))
                 if any(_holds(value, secret) for value in list(obj.__globals__.values())):
                     found.append(f"globals of {obj.__qualname__}")
-        elif isinstance(obj, dict) and obj.get("executor") == other_executor:
-            found.append(f"a message of the other executor: {sorted(obj)}")
+        elif isinstance(obj, dict):
+            if obj.get("executor") == other_executor:
+                found.append(f"a message of the other executor: {sorted(obj)}")
+            elif any(_holds(value, secret) for value in list(obj.values())):
+                found.append(f"a dict with keys {sorted(map(str, obj))[:10]}")
+        elif isinstance(obj, (list, tuple, deque)) and obj is not found:
+            if any(_holds(item, secret) for item in list(obj)):
+                found.append(f"a {type(obj).__name__}")
     for fn in list(worker._functions.values()):
         for cell in getattr(fn, "__closure__", None) or ():
             try:
@@ -524,15 +534,19 @@ def test_a_warm_sandbox_keeps_nothing_of_the_previous_executor(open_executor):
     overlap: set[str] = set()
     for tasks in (8, 16, 32):
         a = open_executor(max_workers=4)
-        futures = [a.submit(closure_over(secret), n) for n in range(tasks)]
-        assert [f.result(timeout=60) for f in futures] == [n + len(secret)
+        futures = [a.submit(closure_over(secret), n, secret) for n in range(tasks)]
+        assert [f.result(timeout=60) for f in futures] == [n + 2 * len(secret)
                                                            for n in range(tasks)]
+        assert secret in lambdafutures.output_of(futures[0])
         used_by_a = {lambdafutures.stats_of(f).worker_id for f in futures}
         a_id = a._scheduler.id
+        # The search works: within A, a sandbox keeps A's function (a warm start).
+        controls = [a.submit(search_sandbox, secret[::-1], "-") for _ in range(4)]
+        assert any("worker._functions" in f.result(timeout=60)[1] for f in controls)
         a.shutdown()
         b = open_executor(max_workers=4)
         results = [f.result(timeout=60) for f in
-                   [b.submit(search_sandbox, secret, a_id) for _ in range(tasks)]]
+                   [b.submit(search_sandbox, secret[::-1], a_id) for _ in range(tasks)]]
         b.shutdown()
         for worker_id, found in results:
             assert found == [], f"sandbox {worker_id} kept {found}"
