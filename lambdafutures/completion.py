@@ -48,8 +48,8 @@ _READER_THREADS = 4
 # A stored result is read under this policy: a transient S3 error must not lose a result the
 # worker produced. A missing object is not transient.
 RESULT_READ_RETRY = dict(
-    stop=stop_after_attempt(6) | stop_after_delay(30),
-    wait=wait_exponential_jitter(max=5, jitter=0.5),
+    stop=stop_after_attempt(4) | stop_after_delay(20),
+    wait=wait_exponential_jitter(max=2, jitter=0.5),
     retry=retry_if_not_exception_type((FileNotFoundError, KeyError)),
     reraise=True,
 )

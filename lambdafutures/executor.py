@@ -40,8 +40,10 @@ log = logging.getLogger("lambdafutures")
 # Lambda's hard limit on a function's timeout.
 LAMBDA_MAX_TIMEOUT_S = 900
 # How long an event may wait in Lambda's async queue (account or function concurrency
-# exhausted) before the worker drops it unrun and the host launches it again.
-DEFAULT_QUEUE_EXPIRY_S = 600.0
+# exhausted) before the worker drops it unrun and the host launches it again. The host's
+# deadline for a task that reports nothing counts from there, so this is also how long a
+# lost task goes unnoticed: short while tasks in flight fit the function's concurrency.
+DEFAULT_QUEUE_EXPIRY_S = 60.0
 DEFAULT_OUTPUT_LIMIT = 64 * 1024
 
 _interrupted = False
@@ -89,7 +91,8 @@ class LambdaExecutor(Executor):
         initializer, initargs: as for the stdlib executors: `initializer(*initargs)` runs
             in each sandbox before its first task of this executor.
         queue_expiry: seconds an event may wait in Lambda's queue before it is dropped unrun
-            and launched again (AWS only; default 600).
+            and launched again (AWS only). Default: 60, plus room for the queue to drain
+            when max_workers exceeds the function's concurrency.
         output_limit: characters of each task's output (stdout, stderr, logging) kept and
             returned, its tail (`lambdafutures.output_of(future)`); 0 turns capture off.
         echo_output: print each task's output on the host as it completes, each line
@@ -107,7 +110,7 @@ class LambdaExecutor(Executor):
         speculation: Speculation | None = None,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
-        queue_expiry: float | None = DEFAULT_QUEUE_EXPIRY_S,
+        queue_expiry: float | None = None,
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
         echo_output: bool = False,
         **backend_options: Any,
@@ -151,10 +154,16 @@ class LambdaExecutor(Executor):
                                backend_options)
         self._max_workers = max_workers or opened.default_max_workers
         limit = opened.concurrency_limit
+        if queue_expiry is None:
+            queue_expiry = DEFAULT_QUEUE_EXPIRY_S
         if limit is not None and max_workers is not None and max_workers > limit:
             log.warning("max_workers=%d exceeds the %d concurrent executions the function can "
                         "have; the rest wait in Lambda's queue (see queue_expiry)",
                         max_workers, limit)
+            if queue_expiry == DEFAULT_QUEUE_EXPIRY_S:
+                # Room for the queue to drain: each slot runs max_workers / limit tasks.
+                per_task = timeout or opened.sandbox_timeout or LAMBDA_MAX_TIMEOUT_S
+                queue_expiry += -(-max_workers // limit) * per_task
         self._ids = itertools.count()
         try:
             self._scheduler = scheduler.Scheduler(

@@ -35,7 +35,7 @@ from .tasks import Action, Failure, Task, TaskTable
 log = logging.getLogger("lambdafutures")
 
 # How many times an attempt that the platform dropped unrun is launched again.
-_RELAUNCHES = 3
+_RELAUNCHES = 5
 
 # Stands in for an inline payload that was sent and dropped.
 _SENT: dict[str, str] = {"inline": ""}

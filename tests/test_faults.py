@@ -431,17 +431,22 @@ def test_a_completion_the_worker_cannot_send_is_a_failed_attempt(fault_stack):
     fault_stack.worker.reset()
 
 
-def test_a_result_the_host_cannot_read_fails_only_its_task(fault_stack):
-    """S3 fails the host's GetObject of a stored result past botocore's 3 attempts: that
-    future ends with a typed error; the executor and its other tasks carry on."""
+def test_a_result_the_host_cannot_read_at_first_still_arrives(fault_stack):
+    """S3 fails the host's GetObject of a stored result past botocore's 3 attempts: the read
+    is retried under its own policy, the future gets its result, and the object is deleted
+    only after that. A result that stays unreadable ends only its own future, typed."""
     with aws_executor(fault_stack, Scenario("", _plain, retries=0)) as executor:
         for proxy in (fault_stack.invoke, fault_stack.worker):
             proxy.reset()
         fault_stack.host.reset([Rule(S3_GET, ERROR, every=1, limit=3)])
         future = executor.submit(job, 1, "big")
+        assert future.result(timeout=60) == expected_value(1, "big")
+        assert fault_stack.host.injected[ERROR] == 3
+        fault_stack.host.reset([Rule(S3_GET, ERROR, every=1)])
+        future = executor.submit(job, 2, "big")
         with pytest.raises(LambdaFuturesError, match="could not be read"):
             future.result(timeout=60)
-        assert fault_stack.host.injected[ERROR] == 3
+        fault_stack.host.reset()
         assert executor.submit(job, 2, "big").result(timeout=60) == expected_value(2, "big")
         assert executor.submit(job, 3, "ok").result(timeout=60) == 9
     fault_stack.host.reset()
