@@ -107,6 +107,7 @@ def open_aws_backend(
     def delete_objects() -> None:
         store.delete_prefix(f"{executor_id}/")
 
+    _warn_environment_differences(settings)
     sandbox_timeout = settings.get("timeout")
     return Backend(
         name="aws",
@@ -120,7 +121,34 @@ def open_aws_backend(
         sandbox_timeout=float(sandbox_timeout) if sandbox_timeout else None,
         default_max_workers=default_workers,
         concurrency_limit=available,
+        # Lambda accepts an async invoke and may hold it in its own queue (concurrency
+        # exhausted): events carry an expiry, and the deadline counts from there.
+        platform_queue=True,
         closers=[getattr(lambda_invoker, "close", lambda: None),
                  getattr(completion_sqs, "close", lambda: None), completions.close,
                  delete_objects, heartbeat.stop],  # closed in reverse: heartbeat first
     )
+
+
+_warned_about: set[str] = set()
+
+
+def _warn_environment_differences(settings: dict[str, Any]) -> None:
+    """Once per deployment and process: packages whose version in the function's layer is
+    not the host's (see `lambdafutures status`)."""
+    name = str(settings.get("function_name"))
+    if name in _warned_about:
+        return
+    _warned_about.add(name)
+    from ...deploy.environment import differences
+
+    try:
+        differing = differences(settings)
+    except Exception:  # noqa: BLE001 - a report, never a reason not to run
+        log.debug("could not compare the host's packages with the layer's", exc_info=True)
+        return
+    if differing:
+        log.warning("the Lambda layer's packages differ from this host's: %s (tasks using them "
+                    "run those versions in the cloud; see `lambdafutures status`)",
+                    ", ".join(f"{package} host {host or '-'} / layer {layer or '-'}"
+                              for package, (host, layer) in sorted(differing.items())))
