@@ -1,10 +1,20 @@
-"""Task stats and what is drawn from them: timeline and throughput PNGs, a cost summary.
+"""What the futures tell, in one place: `from lambdafutures import observe`.
 
-matplotlib (the `plots` extra) is imported only when a plot is drawn.
+    observe.stats_of(future)                     one task's TaskStats
+    observe.output_of(future)                    what the task printed (its tail)
+    observe.summary(futures)                     counts, percentiles, GB-seconds, cost
+    observe.timeline(futures, "timeline.png")    per-task timeline; returns the Figure
+    observe.throughput(futures, "gflops.png")    GFLOPS (or tasks/s) over time; the Figure
+    observe.progress(as_completed(futures))      a progress bar (tqdm)
+
+matplotlib (the `plots` extra) is imported only when a figure is drawn, tqdm (the
+`progress` extra) only when a bar is.
 """
 
 from .cost import summary
 from .plots import throughput, timeline
-from .stats import TaskStats, collect, stats_of
+from .progress import progress
+from .stats import TaskStats, collect, output_of, stats_of
 
-__all__ = ["TaskStats", "collect", "stats_of", "summary", "throughput", "timeline"]
+__all__ = ["TaskStats", "collect", "output_of", "progress", "stats_of", "summary",
+           "throughput", "timeline"]

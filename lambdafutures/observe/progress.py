@@ -21,10 +21,18 @@ T = TypeVar("T")
 def progress(iterable: Iterable[T], total: int | None = None, desc: str = "tasks",
              **tqdm_options: Any) -> Iterator[T]:
     try:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
     except ImportError:
         raise ImportError("progress bars need tqdm: pip install 'lambdafutures[progress]'") \
             from None
+    try:
+        # A notebook's widget bar needs ipywidgets; without it tqdm.auto only warns
+        # ("IProgress not found") and draws nothing, so the text bar is the better choice.
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        from tqdm.auto import tqdm
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     failed = 0

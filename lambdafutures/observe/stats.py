@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import weakref
-
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
