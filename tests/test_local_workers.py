@@ -1,5 +1,6 @@
 """Local worker processes: they end with their host, the store directories of dead hosts are
-removed, their number is sized for the machine, and a stuck event is ended on time."""
+removed, their number is sized for the machine, a stuck event is ended on time, and the frames
+between host and worker arrive whole."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import lambdafutures
 from lambdafutures.backends.local.pool import WorkerPool
-from lambdafutures_handler import protocol
+from lambdafutures_handler import frames, protocol
 
 
 def _running(pid: int) -> bool:
@@ -122,3 +125,29 @@ def test_a_threaded_pool_ends_a_stuck_event_on_a_warm_worker_on_time():
         assert time.monotonic() - started < 5
     finally:
         pool.close()
+
+
+def _send_all(sock: socket.socket, bodies: list[bytes]) -> None:
+    for body in bodies:
+        frames.send(sock, body)
+
+
+def test_frames_of_every_size_arrive_whole_and_in_order():
+    bodies = [b"", b"x", bytes(range(256)) * 300, b"y" * (3 * 1024 * 1024 + 7),
+              *[str(n).encode() for n in range(50)], b"z" * 70_000]
+    for reading in ("next", "read"):
+        host, worker = socket.socketpair()
+        sender = threading.Thread(target=_send_all, args=(host, bodies))
+        sender.start()
+        reader = frames.FrameReader(worker)
+        received: list[bytes] = []
+        while len(received) < len(bodies):
+            if reading == "next":
+                received.append(bytes(reader.next()))
+            else:
+                received.extend(bytes(body) for body in reader.read())
+        sender.join()
+        host.close()
+        assert received == bodies
+        assert reader.next() is None  # end of stream
+        worker.close()

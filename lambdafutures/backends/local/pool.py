@@ -384,7 +384,9 @@ class WorkerPool:
             if started is not threading.current_thread():
                 started.join()
         for worker in workers:
-            worker.sock.close()  # an idle worker sees end-of-file and exits on its own
+            worker.sock.close()  # a worker sees end-of-file once its event ends, and exits
+            if not worker.items:
+                kill(worker.process)  # idle, or still starting: nothing to wait for
         deadline = time.monotonic() + 2.0
         for worker in workers:
             try:
