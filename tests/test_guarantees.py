@@ -347,6 +347,28 @@ def test_ctrl_c_in_an_as_completed_loop_leaves_nothing_behind(tmp_path):
     assert not any(_alive(pid) for pid in _worker_pids(out))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_outside_a_with_block_stops_at_once_too(tmp_path):
+    started = time.monotonic()
+    code, out, err = _run_script(tmp_path, """
+        ex = LambdaExecutor(max_workers=2, backend="local")
+        pids = {f.result() for f in [ex.submit(os.getpid) for _ in range(6)]}
+        futures = [ex.submit(time.sleep, 600) for _ in range(6)]
+        time.sleep(0.5)
+        print("pids", *pids, flush=True)
+        for f in as_completed(futures):
+            print(f.result())
+    """, signal_after=0.0)
+    # The exit handler did not wait for the ten-minute tasks, and said why it stopped them.
+    assert time.monotonic() - started < 30
+    assert code != 0 and "KeyboardInterrupt" in err
+    assert "interrupted: stopping executor" in err
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in _worker_pids(out)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in _worker_pids(out))
+
+
 def test_an_executor_still_works_after_a_task_gets_its_result_from_the_store(make_executor):
     executor = make_executor(max_workers=2)
     futures = [executor.submit(np.ones, 100_000) for _ in range(4)]
