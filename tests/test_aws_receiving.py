@@ -103,8 +103,9 @@ def event_of(executor, reply, task=0):
 # -- poison ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", RECEIVERS)
-def test_poison_on_the_own_queue_is_deleted_and_never_returned(sqs, kind):
+def test_poison_on_the_own_queue_is_deleted_and_never_returned(sqs, kind, caplog):
     _, client = sqs
+    caplog.set_level("DEBUG", logger="lambdafutures")
     queue = open_queue(sqs, kind)
     try:
         executor = queue._executor_id
@@ -129,6 +130,9 @@ def test_poison_on_the_own_queue_is_deleted_and_never_returned(sqs, kind):
         assert all(m["_receipt"][0] == queue.queue_url for m in got)
         queue.ack(got)  # as the core does, for what it keeps and what it drops
         assert wait_until_empty(client, queue.queue_url)
+        dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith(
+            "deleting a") and r.levelname == "DEBUG"]
+        assert len(dropped) == len(poison), dropped  # one DEBUG line each
 
         # The receivers are still there, and still deliver.
         assert all(thread.is_alive() for thread in queue.threads)

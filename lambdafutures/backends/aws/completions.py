@@ -93,15 +93,15 @@ class SqsCompletionQueue:
     # -- the completion thread's side ---------------------------------------------------------
 
     def receive(self, max_messages: int, wait: float) -> list[dict[str, Any]]:
-        """Up to `max_messages` completions and hints, waiting at most `wait` for the first;
-        raises the error that stopped a receiver, once none is left to return."""
-        if self._error is not None:
-            raise self._error
-        batch = take_batch(self._received, max_messages, wait)
+        """Up to `max_messages` completions and hints, waiting at most `wait` for the first.
+        Once a receiver has failed, what was already received is still returned; then its
+        error is raised, on this call and every later one."""
+        failed = self._error is not None
+        batch = take_batch(self._received, max_messages, 0.0 if failed else wait)
         if _WAKE in batch:
             batch = [message for message in batch if message is not _WAKE]
-            if not batch and self._error is not None:
-                raise self._error
+        if not batch and self._error is not None:
+            raise self._error
         return batch
 
     def ack(self, messages: list[dict[str, Any]]) -> None:
