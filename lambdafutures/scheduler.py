@@ -81,10 +81,14 @@ class Scheduler:
         self.reader = completion.ResultReader(backend.store)
         self._launches: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._inline = threading.local()
+        # A backend whose invoke never blocks (invoke_threads == 0) launches small tasks in
+        # the thread that frees a slot, but a payload that goes to the store is written by
+        # one launcher thread: neither submit() nor the completion thread waits for it.
+        self._inline_launch = backend.invoke_threads == 0
         self._invokers = [
             threading.Thread(target=self._invoke_loop, name=f"lambdafutures-invoker-{n}",
                              daemon=True)
-            for n in range(backend.invoke_threads)
+            for n in range(backend.invoke_threads or 1)
         ]
         for thread in self._invokers:
             thread.start()
@@ -123,7 +127,9 @@ class Scheduler:
         invoke never blocks (invoke_threads == 0), right here, which saves a thread hop per
         task. Launches that a launch causes (a failed one frees its slot) are queued for the
         loop below rather than run by recursion."""
-        if self._invokers:
+        if not self._inline_launch or (
+                task.payload is not None
+                and not protocol.fits_inline(len(task.payload), self.backend.inline_limit)):
             self._launches.put(task)
             return
         batch = getattr(self._inline, "batch", None)
