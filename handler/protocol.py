@@ -146,7 +146,7 @@ def event_is_signed(key: bytes, event: dict[str, Any]) -> bool:
     signature = event.get("sig")
     try:
         expected = _mac(key, _EVENT_DOMAIN, _event_fields(event))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return False
     return isinstance(signature, str) and hmac.compare_digest(expected, signature)
 
@@ -160,7 +160,7 @@ def completion_is_signed(key: bytes, message: dict[str, Any]) -> bool:
     signature = message.get("sig")
     try:
         expected = _mac(key, _COMPLETION_DOMAIN, _completion_fields(message))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return False
     return isinstance(signature, str) and hmac.compare_digest(expected, signature)
 
@@ -184,6 +184,7 @@ def read_inline(blob: dict[str, str]) -> bytes:
 
 # -- payloads ------------------------------------------------------------------------------
 # b"LFP" | flags (1 byte) | length of the function's pickle (4 bytes, big-endian) |
+# [with HAS_BLOBS: count (4 bytes) | that many SHA-256 digests (32 bytes each)] |
 # [with HAS_INITIALIZER: length of the initializer's pickle (4 bytes) | that pickle] |
 # the function's pickle | the pickle of (calls, batch).
 _PAYLOAD_MAGIC = b"LFP"
@@ -196,27 +197,58 @@ FN_REUSABLE = 1
 # The payload carries the executor's pickled (initializer, initargs): a sandbox runs it once,
 # before its first task of that executor.
 HAS_INITIALIZER = 2
+# The pickles name large objects stored apart, once per executor, by the SHA-256 of their
+# bytes (persistent ids; see blobs.py): the digests listed are the blobs the payload needs.
+HAS_BLOBS = 4
+_DIGEST_SIZE = 32
 
 
 def pack_payload(fn_pickle: bytes, calls_pickle: bytes, flags: int = 0,
-                 initializer: bytes | None = None) -> bytes:
+                 initializer: bytes | None = None, blobs: list[str] | tuple = ()) -> bytes:
     parts = [b"", fn_pickle, calls_pickle]
     if initializer is not None:
         flags |= HAS_INITIALIZER
         parts[1:1] = [_LENGTH.pack(len(initializer)), initializer]
+    if blobs:
+        flags |= HAS_BLOBS
+        parts[1:1] = [_LENGTH.pack(len(blobs)), *map(bytes.fromhex, blobs)]
     parts[0] = _PAYLOAD_HEADER.pack(_PAYLOAD_MAGIC, flags, len(fn_pickle))
     return b"".join(parts)
 
 
 class Payload:
-    __slots__ = ("fn_pickle", "flags", "initializer", "calls_pickle")
+    __slots__ = ("fn_pickle", "flags", "initializer", "calls_pickle", "blobs")
 
     def __init__(self, fn_pickle: bytes | None, flags: int, initializer: bytes | None,
-                 calls_pickle: memoryview | bytes) -> None:
+                 calls_pickle: memoryview | bytes, blobs: tuple[str, ...] = ()) -> None:
         self.fn_pickle = fn_pickle
         self.flags = flags
         self.initializer = initializer
         self.calls_pickle = calls_pickle
+        self.blobs = blobs  # hex digests
+
+
+def _payload_blobs(data: bytes, flags: int) -> tuple[tuple[str, ...], int]:
+    """(the digests in a payload's blob section, where the section after it starts)."""
+    start = _PAYLOAD_HEADER.size
+    if not flags & HAS_BLOBS:
+        return (), start
+    if len(data) < start + _LENGTH.size:
+        raise ProtocolError("payload is shorter than its blob count")
+    (count,) = _LENGTH.unpack_from(data, start)
+    start += _LENGTH.size
+    end = start + count * _DIGEST_SIZE
+    if len(data) < end:
+        raise ProtocolError("payload is shorter than its blob digests")
+    return tuple(data[at:at + _DIGEST_SIZE].hex()
+                 for at in range(start, end, _DIGEST_SIZE)), end
+
+
+def payload_blobs(data: bytes) -> tuple[str, ...]:
+    """The digests of the blobs a packed payload needs (reads its header only)."""
+    if data[:len(_PAYLOAD_MAGIC)] != _PAYLOAD_MAGIC or len(data) < _PAYLOAD_HEADER.size:
+        return ()
+    return _payload_blobs(data, data[len(_PAYLOAD_MAGIC)])[0]
 
 
 def unpack_payload(data: bytes) -> Payload:
@@ -227,7 +259,7 @@ def unpack_payload(data: bytes) -> Payload:
     if len(data) < _PAYLOAD_HEADER.size:
         raise ProtocolError("payload is shorter than its header")
     _, flags, size = _PAYLOAD_HEADER.unpack_from(data)
-    start = _PAYLOAD_HEADER.size
+    blobs, start = _payload_blobs(data, flags)
     view = memoryview(data)
     initializer = None
     if flags & HAS_INITIALIZER:
@@ -239,11 +271,18 @@ def unpack_payload(data: bytes) -> Payload:
         start += init_size
     if len(data) < start + size:
         raise ProtocolError("payload is shorter than its function's pickle")
-    return Payload(bytes(view[start:start + size]), flags, initializer, view[start + size:])
+    return Payload(bytes(view[start:start + size]), flags, initializer, view[start + size:],
+                   blobs)
 
 
 def payload_key(executor: str, task: int) -> str:
     return f"{executor}/{task}/payload"
+
+
+def blob_key(executor: str, digest: str) -> str:
+    """Where a blob of the executor lives: named by its content, stored once per executor
+    however many tasks use it, deleted with the executor's objects."""
+    return f"{executor}/blobs/{digest}"
 
 
 def result_key(executor: str, task: int, attempt: int) -> str:

@@ -383,12 +383,17 @@ class _Watcher:
                         self._wakes_at = math.inf
                         self._cond.wait()
                     elif armed[0] > now:
-                        self._wakes_at = armed[0]
-                        self._cond.wait(armed[0] - now)
+                        self._wakes_at = deadline = armed[0]
+                        # Hold nothing of the task while waiting: its watchdog keeps the
+                        # event and the executor's key, which must not outlive the task.
+                        armed = None
+                        self._cond.wait(deadline - now)
                     else:
                         self._armed = None
                         break
-            armed[1]._fire()  # ends the process, unless the call ended just in time
+            watchdog, armed = armed[1], None
+            watchdog._fire()  # ends the process, unless the call ended just in time
+            del watchdog
 
 
 _watcher = _Watcher()

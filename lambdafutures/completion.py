@@ -60,6 +60,16 @@ _FAILURES = {
     protocol.NOT_RUN: Failure.NOT_RUN,
 }
 
+# What a hint may lead to. Its kind is unsigned (anyone who saw a failed attempt's record
+# can rewrite it), so a hint never causes more than the platform's own report would: a crash
+# or a timeout may be retried, as `retries` allows, but "not run" ends the task instead of
+# launching it again for free (Lambda says it only past the event's maximum age, hours after
+# a worker would have dropped the event itself, which it reports signed).
+_HINT_FAILURES = {
+    protocol.TIMEOUT: Failure.RETRYABLE,
+    protocol.CRASH: Failure.RETRYABLE,
+}
+
 _EXCEPTIONS = {
     protocol.TIMEOUT: errors.TaskTimeout,
     protocol.CRASH: errors.WorkerCrashed,
@@ -91,7 +101,7 @@ def run(scheduler: Scheduler) -> None:
             for message in messages:
                 try:
                     _handle(scheduler, message)
-                except protocol.ProtocolError as exc:
+                except (protocol.ProtocolError, RecursionError) as exc:
                     log.debug("dropping a message: %s", exc)
             if messages:
                 completions.ack(messages)
@@ -158,7 +168,7 @@ def _handle_hint(scheduler: Scheduler, hint: dict[str, Any]) -> None:
                   event["task"], event["attempt"])
         return
     exception = _EXCEPTIONS[kind](text)
-    scheduler.conclude(task, event["attempt"], _FAILURES.get(kind, Failure.FINAL),
+    scheduler.conclude(task, event["attempt"], _HINT_FAILURES.get(kind, Failure.FINAL),
                        Outcome(exception=exception))
 
 
