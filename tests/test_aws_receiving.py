@@ -111,6 +111,7 @@ def test_poison_on_the_own_queue_is_deleted_and_never_returned(sqs, kind, caplog
         executor = queue._executor_id
         ours = event_of(executor, queue.queue_url, task=3)
         poison = ["[]", '"x"', "17", "null", "not json {", "z" * 200_000,
+                  "[" * 100_000 + "]" * 100_000, '{"a":' * 40_000 + "1" + "}" * 40_000,
                   json.dumps(record({"some": "other application"})),
                   json.dumps(record("a string payload")),
                   json.dumps(record(event_of("0" * 16, queue.queue_url))),

@@ -271,7 +271,7 @@ def _json_object(body: Any) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nesting past the parser's limit raises the latter
         return None
     return value if isinstance(value, dict) else None
 
