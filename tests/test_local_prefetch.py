@@ -157,3 +157,18 @@ def test_a_task_held_behind_a_timed_out_one_runs_exactly_once(tmp_path):
             late.result(timeout=30)
         assert held.result(timeout=30) == 1
     assert _runs(str(tmp_path)) == {0: 1, 1: 1}
+
+
+def _echo(data: bytes) -> bytes:
+    return data[::-1]
+
+
+@pytest.mark.parametrize("size", [10_000, 120_000, 180_000])
+def test_large_inline_arguments_and_results_pass_busy_workers(size):
+    """Events held at busy workers and results sent back meanwhile, both near the inline
+    limit: neither side's send waits on the other."""
+    blobs = [os.urandom(size) for _ in range(3)]
+    with lambdafutures.LambdaExecutor(max_workers=1, backend="local") as ex:
+        futures = [ex.submit(_echo, blobs[i % 3]) for i in range(30)]
+        assert [f.result(timeout=60) for f in futures] == [blobs[i % 3][::-1]
+                                                            for i in range(30)]

@@ -38,22 +38,22 @@ from typing import Any
 
 from lambdafutures_handler import frames, protocol
 
-from .processes import describe_exit, kill, start_worker, worker_env
+from .processes import describe_exit, hold_limit, kill, start_worker, worker_env
 
 log = logging.getLogger("lambdafutures")
 
-# Only an event this small is held at a busy worker: its socket holds it whole (a Unix socket
-# takes about 180 KB) while the worker runs its current event, so sending it never blocks
-# the sending thread. A larger event waits in the pool's queue for a worker with room.
-_HOLD_LIMIT = 64 * 1024
 
 
 class _Worker:
-    __slots__ = ("process", "sock", "reader", "items", "deadline", "alive")
+    __slots__ = ("process", "sock", "reader", "items", "deadline", "alive", "hold_limit")
 
     def __init__(self, process: subprocess.Popen, sock: socket.socket) -> None:
         self.process = process
         self.sock = sock
+        # Only an event this small is held while the worker is busy: its socket holds it
+        # whole, so sending it never blocks the sending thread (which holds the pool's lock).
+        # A larger one waits in the pool's queue for a worker with nothing to run.
+        self.hold_limit = hold_limit(sock)
         self.reader = frames.FrameReader(sock)
         # (event, pickled event) sent to this worker: the first one runs, the others wait.
         self.items: deque[tuple[dict, bytes]] = deque()
@@ -128,7 +128,7 @@ class WorkerPool:
                 self._fill(self._spawn())
             elif self._starting:
                 pass  # a worker being started ahead of need takes it in a moment
-            elif self._roomy and len(item[1]) <= _HOLD_LIMIT:
+            elif self._roomy and len(item[1]) <= self._roomy[0].hold_limit:
                 self._fill(self._roomy.popleft())
 
     def _fill(self, worker: _Worker) -> None:
@@ -137,7 +137,7 @@ class WorkerPool:
             return
         backlog = self._backlog
         while backlog and len(worker.items) < self.depth:
-            if worker.items and len(backlog[0][1]) > _HOLD_LIMIT:
+            if worker.items and len(backlog[0][1]) > worker.hold_limit:
                 break  # too large to wait in a busy worker's socket
             self._send(worker, backlog.popleft())
         if not worker.items:

@@ -25,6 +25,12 @@ _NO_CWD_ON_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 PROCESSES_PER_CPU = 4
 
 
+# Send buffer asked for on each end of a worker's socket (a limit, not an allocation): large
+# enough to hold an inline event whole while the worker is busy (Linux grants up to
+# net.core.wmem_max, 208 KiB by default; macOS up to 8 MiB where its default is 8 KiB).
+_SOCKET_BUFFER = 1024 * 1024
+
+
 def process_cap() -> int:
     """The most worker processes the local backend runs on this machine."""
     return PROCESSES_PER_CPU * (os.cpu_count() or 1)
@@ -51,6 +57,11 @@ def start_worker(timeout: float | None,
     as the process exists: the worker's interpreter starts meanwhile, and an event sent
     before it is ready waits in the socket."""
     host_end, worker_end = socket.socketpair()
+    for end in (host_end, worker_end):
+        try:
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        except OSError:
+            pass  # the system's default, then: `hold_limit` adapts
     try:
         process = subprocess.Popen(
             [sys.executable, *_NO_CWD_ON_PATH, "-m", "lambdafutures_handler.local_worker",
@@ -66,6 +77,13 @@ def start_worker(timeout: float | None,
         worker_end.close()
     log.debug("started worker process %d", process.pid)
     return process, host_end
+
+
+def hold_limit(sock: socket.socket) -> int:
+    """The largest event that may wait in `sock` while its worker is busy: one that the
+    socket's buffer holds whole, so that sending it never blocks. A quarter of what the
+    system reports: Linux reports twice the size asked for, and counts its bookkeeping."""
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4
 
 
 def kill(process: subprocess.Popen) -> None:
