@@ -25,7 +25,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import output, protocol
+from . import blobs, output, protocol
 from .transport import aws_client, open_store, send_reply
 
 WORKER_ID = uuid.uuid4().hex[:12]
@@ -126,7 +126,9 @@ def _run(event: dict[str, Any], stats: dict[str, Any], store: Any,
         return failed(protocol.SIGNATURE, "SignatureMismatch",
                       "payload does not match its signed hash; refusing to unpickle it")
     try:
-        fn, calls, batch, initializer = _load_payload(data)
+        fn, calls, batch, initializer = _load_payload(data, store, event["executor"])
+    except blobs.BlobMismatch as exc:
+        return failed(protocol.SIGNATURE, "SignatureMismatch", str(exc))
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported, not raised
         return failed(protocol.SERIALIZATION, type(exc).__name__,
                       f"payload cannot be unpickled on the worker: {exc!r}",
@@ -195,12 +197,13 @@ _initialized = False
 
 def _key_for(executor: str, store: Any) -> bytes:
     """The executor's signing key, read once per executor per sandbox. When another
-    executor's event arrives, everything kept for the previous one goes: its key and its
-    unpickled functions (with their closures and globals), so one executor's task cannot
-    reach another's data through a warm sandbox."""
+    executor's event arrives, everything kept for the previous one goes: its key, its
+    unpickled functions (with their closures and globals) and its blobs' bytes, so one
+    executor's task cannot reach another's data through a warm sandbox."""
     global _current_key, _initialized
     if _current_key[0] != executor:
         _functions.clear()
+        blobs.forget()
         _initialized = False
         _current_key = ("", b"")
         key = store.get(protocol.key_object(executor))
@@ -210,23 +213,28 @@ def _key_for(executor: str, store: Any) -> bytes:
     return _current_key[1]
 
 
-def _load_payload(data: bytes) -> tuple[Any, list, bool, bytes | None]:
+def _load_payload(data: bytes, store: Any = None,
+                  executor: str = "") -> tuple[Any, list, bool, bytes | None]:
     """(function, calls, batch, the initializer's pickle if it has yet to run here)."""
     payload = protocol.unpack_payload(data)
     fn_pickle, flags, rest = payload.fn_pickle, payload.flags, payload.calls_pickle
     if fn_pickle is None:
         return (*cloudpickle.loads(data), None)
+    # Large objects that the payload names by digest come from the store (blobs.py), a
+    # fresh one for each task. The host never marks such a function pickle reusable.
+    loads = (blobs.Resolver(payload.blobs, store, executor).loads if payload.blobs
+             else cloudpickle.loads)
     initializer = None if _initialized else payload.initializer
     reusable = flags & protocol.FN_REUSABLE
     fn = _functions.get(fn_pickle) if reusable else None
     # A call that gave its function an attribute changed it: the next task gets a fresh one.
     if fn is None or getattr(fn, "__dict__", None):
-        fn = cloudpickle.loads(fn_pickle)
+        fn = loads(fn_pickle)
         if reusable:
             if len(_functions) >= _FUNCTIONS_KEPT:
                 _functions.clear()
             _functions[fn_pickle] = fn
-    calls, batch = cloudpickle.loads(rest)
+    calls, batch = loads(rest)
     return fn, calls, batch, initializer
 
 

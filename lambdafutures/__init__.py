@@ -16,6 +16,7 @@ from .errors import (
 from .executor import LambdaExecutor
 from .observe.stats import TaskStats, output_of, stats_of
 from .serialize import ship_by_value
+from .shared import Shared
 from .speculation import Speculation
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "RemoteTraceback",
     "RuntimeMismatch",
     "SerializationError",
+    "Shared",
     "SignatureMismatch",
     "Speculation",
     "TaskExited",

@@ -29,13 +29,14 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from typing import Any
+from typing import Any, TypeVar
 
-from . import config, scheduler, serialize
+from . import config, scheduler, serialize, shared
 from .backends.base import Backend
 from .speculation import Speculation
 
 log = logging.getLogger("lambdafutures")
+T = TypeVar("T")
 
 # Lambda's hard limit on a function's timeout.
 LAMBDA_MAX_TIMEOUT_S = 900
@@ -191,14 +192,33 @@ class LambdaExecutor(Executor):
     # -- submitting ---------------------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """As Executor.submit. A large array or bytes object (1 MiB or more) that the call
+        reaches, as an argument or as a global or closure variable of `fn`, is pickled and
+        stored once per executor however many tasks use it (see `share`)."""
         return self._submit(fn, [(args, kwargs)], batch=False)
+
+    def share(self, obj: T) -> shared.Shared[T]:
+        """Put `obj` once and return a small handle to pass to tasks in its place, as
+        Dask's `scatter` or Ray's `put`: as an argument (or inside one), or as a global or
+        closure variable of the submitted function. Each task receives the object itself,
+        its own copy unpickled on the worker, so a task that changes it changes nothing
+        that another task sees. The object is pickled now (a SerializationError is raised
+        here), kept in host memory once while the handle lives, stored once before the
+        first task that uses it starts, and cached in warm sandboxes. The handle holds the
+        object as it is now: later changes to `obj` are not seen.
+
+            data = ex.share(load_big_table())
+            futures = [ex.submit(fit, data, seed) for seed in range(1000)]
+        """
+        self._scheduler.check_open()
+        return shared.share(obj, self._scheduler.blobs)
 
     def _submit(self, fn: Callable[..., Any], calls: list[tuple[tuple, dict]],
                 batch: bool) -> Future:
         self._scheduler.check_open()
         if not callable(fn):
             raise TypeError(f"{type(fn).__name__!r} object is not callable")
-        payload = serialize.dumps_call(fn, calls, batch, self._init)
+        payload = serialize.dumps_call(fn, calls, batch, self._init, self._scheduler.blobs)
         future: Future = Future()
         self._scheduler.submit(self._scheduler.new_task(next(self._ids), future, payload,
                                                         len(calls), batch))

@@ -25,7 +25,7 @@ from typing import Any
 
 from lambdafutures_handler import protocol
 
-from . import completion, errors
+from . import completion, errors, shared
 from .backends.base import Backend
 from .completion import Outcome
 from .observe import stats as task_stats
@@ -79,6 +79,8 @@ class Scheduler:
         # Workers read the key here (never from a message): see handler/protocol.py.
         backend.store.put(protocol.key_object(executor_id), self.key)
         self.reader = completion.ResultReader(backend.store)
+        # Large objects that payloads name by digest, each stored once (shared.py).
+        self.blobs = shared.BlobRegistry()
         self._launches: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._inline = threading.local()
         # A backend whose invoke never blocks (invoke_threads == 0) launches small tasks in
@@ -197,6 +199,11 @@ class Scheduler:
         if task.blob is None:
             data = task.payload
             assert data is not None
+            # The blobs the payload names are in the store before any worker looks for them
+            # (put once per executor, by the first launch that needs each).
+            digests = protocol.payload_blobs(data)
+            if digests:
+                self.blobs.ensure_stored(digests, self.backend.store, self.id)
             task.payload_sha256 = protocol.digest(data)
             if protocol.fits_inline(len(data), self.backend.inline_limit):
                 task.blob = protocol.inline_blob(data)
@@ -334,6 +341,7 @@ class Scheduler:
         for thread in self._invokers:
             thread.join()
         self.reader.close()
+        self.blobs.close()
         try:
             self.backend.close()
         except Exception:  # noqa: BLE001 - nothing is left to report it to but the log

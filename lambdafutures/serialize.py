@@ -60,6 +60,7 @@ import cloudpickle
 from lambdafutures_handler import exceptions as worker_exceptions
 from lambdafutures_handler import protocol
 
+from . import shared
 from .errors import SerializationError
 
 log = logging.getLogger("lambdafutures")
@@ -276,22 +277,44 @@ def _pickling_failure(module_name: str, attribute: str, value: Any) -> str | Non
     return reason
 
 
+_BlobPickler = shared.blob_pickler(_Pickler)
+
+
 def _dumps(obj: Any) -> bytes:
+    refs = shared.current()
+    if refs is not None:
+        # Within a payload (dumps_call): a first plain pickling stops at a large object or
+        # a handle; only then is it pickled again naming those as blobs (shared.py).
+        try:
+            with shared.SmallOutput() as file:
+                _Pickler(file).dump(obj)
+                return file.getvalue()
+        except shared.BlobsNeeded:
+            with io.BytesIO() as file:
+                _BlobPickler(file, refs).dump(obj)
+                return file.getvalue()
     with io.BytesIO() as file:
         _Pickler(file).dump(obj)
         return file.getvalue()
 
 
 def dumps_call(fn: Any, calls: list[tuple[tuple, dict]], batch: bool,
-               initializer: bytes | None = None) -> bytes:
+               initializer: bytes | None = None,
+               blobs: shared.BlobRegistry | None = None) -> bytes:
     """Pickle a payload: the function and its calls (and the executor's pickled initializer,
-    see `dumps_initializer`). Raises SerializationError."""
+    see `dumps_initializer`). With the executor's `blobs`, large objects and `Shared` handles
+    are named by digest and kept there, once (shared.py). Raises SerializationError."""
     _ship_local_modules(fn)
+    refs = None if blobs is None else shared.PayloadBlobs(blobs)
     try:
-        fn_pickle, flags = _function_pickle(fn)
-        return protocol.pack_payload(fn_pickle, _dumps((calls, batch)), flags, initializer)
+        with shared.naming(refs):
+            fn_pickle, flags = _function_pickle(fn)
+            calls_pickle = _dumps((calls, batch))
+        return protocol.pack_payload(fn_pickle, calls_pickle, flags, initializer,
+                                     list(refs.digests) if refs is not None else ())
     except Exception as exc:
-        culprit = _culprit_of_call(fn, calls, batch)
+        with shared.naming(None if refs is None else shared.PayloadBlobs(None)):
+            culprit = _culprit_of_call(fn, calls, batch)
         where = f"{culprit}: " if culprit else ""
         raise SerializationError(f"cannot pickle {_describe(fn)} with its arguments: "
                                  f"{where}{type(exc).__name__}: {exc}") from exc
@@ -354,7 +377,8 @@ def _function_pickle(fn: Any) -> tuple[bytes, int]:
     capture = capture or _capture(fn)
     if capture is None:
         return data, 0
-    stable = all(map(_stable, capture[_FIXED:]))
+    # A pickle that names blobs is not kept: its blobs belong to one executor's registry.
+    stable = all(map(_stable, capture[_FIXED:])) and shared.BLOB_TAG not in data
     _pickles[fn] = (capture, modules, len(sys.modules), data if stable else None)
     return data, protocol.FN_REUSABLE if stable else 0
 
