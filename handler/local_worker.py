@@ -90,10 +90,23 @@ def serve(sock: socket.socket, timeout: float | None) -> None:
 
 
 def watch_host(host_pid: int, interval: float = _HOST_CHECK_S) -> None:
-    """End this process once its parent is no longer `host_pid`; runs in a daemon thread."""
-    while os.getppid() == host_pid:
+    """End this process once its host is gone; runs in a daemon thread. The host is this
+    process's parent, unless an interpreter wrapper started it: then the parent it had at
+    first (whose change means it was re-parented too), with the host itself checked too."""
+    parent = os.getppid()
+    while os.getppid() == parent and (parent == host_pid or _exists(host_pid)):
         time.sleep(interval)
     os._exit(_HOST_GONE_STATUS)  # no cleanup: a task may be running, and nobody waits
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main(argv: list[str]) -> None:
