@@ -45,6 +45,7 @@ issue's full sizes are `--inflight 100000`.
 """
 
 import argparse
+import inspect
 import json
 import operator
 import os
@@ -160,11 +161,19 @@ def batching_endpoint(endpoint_class, moto_url, sqs):
     (Real worker processes here send one message each at the rate moto allows, ~100/s.)"""
     import queue
 
-    from lambdafutures_handler import worker
+    from lambdafutures_handler import protocol, worker
 
     replies = []
     # This process only: the handler hands its completion over instead of sending it.
     worker.send_reply = lambda url, message: replies.append((url, message))
+
+    def resign(message):
+        # Protocol v3 signs the whole completion, stats included: sign it again after
+        # sent_at changed, with the key this sandbox read for the message's executor.
+        current = getattr(worker, "_current_key", None)
+        if hasattr(protocol, "sign_completion") and current and current[0] == message.get(
+                "executor"):
+            protocol.sign_completion(current[1], message)
 
     class Batching(endpoint_class):
         def __init__(self):
@@ -193,6 +202,7 @@ def batching_endpoint(endpoint_class, moto_url, sqs):
                     messages = [message for to, message in sent if to == url]
                     for message in messages:
                         message["stats"]["sent_at"] = now  # sent now, not when handled
+                        resign(message)
                     sqs.send_message_batch(QueueUrl=url, Entries=[
                         {"Id": str(n), "MessageBody": json.dumps(message)}
                         for n, message in enumerate(messages)])
@@ -239,14 +249,16 @@ COMPLETION_THREADS = ("lambdafutures-completion", "lambdafutures-receiver",
 
 def split_cpu(before, after):
     """CPU seconds spent between two thread_cpu() samples, summed by role."""
-    roles = {"invokers": 0.0, "completion_thread": 0.0, "sqs_receivers": 0.0,
-             "sqs_deleter": 0.0, "other": 0.0}
+    roles = {"invokers": 0.0, "completion_thread": 0.0, "result_readers": 0.0,
+             "sqs_receivers": 0.0, "sqs_deleter": 0.0, "other": 0.0}
     for name, end in after.items():
         spent = end - before.get(name, 0.0)
         if name.startswith("lambdafutures-invoker"):
             roles["invokers"] += spent
         elif name == "lambdafutures-completion":
             roles["completion_thread"] += spent
+        elif name.startswith("lambdafutures-reader"):
+            roles["result_readers"] += spent  # stored results' reads and deletes (v3)
         elif name == "lambdafutures-acker":
             roles["sqs_deleter"] += spent
         elif name.startswith(COMPLETION_THREADS):
@@ -335,12 +347,19 @@ def phase_invoke_cpu(args, stack):
                             config=Config(max_pool_connections=threads,
                                           retries={"total_max_attempts": 1}))
     invoker = make_invoker(args.impl, client, session, FUNCTION, threads)
-    payload = protocol.inline_blob(b"x" * 120)
+    data = b"x" * 120
+    payload = protocol.inline_blob(data)
+    # Protocol v3 signs the whole event (in make_event) with a key that stays out of it, the
+    # payload travelling with its hash; v2 put the key and the payload's signature in it.
+    version_fields = ({"payload_sha256": protocol.digest(data), "expires_at": None}
+                      if "payload_sha256" in inspect.signature(protocol.make_event).parameters
+                      else {"sig": "s" * 64})
+    key = protocol.new_key()
     events = [protocol.make_event(
-        executor="0123456789abcdef", task=n, attempt=0, payload=payload, sig="s" * 64,
+        executor="0123456789abcdef", task=n, attempt=0, payload=payload,
         store=f"s3://{BUCKET}/tasks", reply=f"{stack['moto']}/123456789012/q",
-        key=protocol.new_key(), timeout=60, submitted_at=time.time(),
-        limit=protocol.inline_limit()) for n in range(count)]
+        key=key, timeout=60, submitted_at=time.time(),
+        limit=protocol.inline_limit(), **version_fields) for n in range(count)]
 
     def run(share):
         for event in share:
@@ -391,7 +410,8 @@ def phase_host_cpu(args, stack, endpoint, count=None, result_bytes=0):
     errors = sum(1 for f in done if f.exception() is not None)
     executor.shutdown(wait=True, cancel_futures=True)
     submit = submit_main + roles["invokers"]
-    completion = roles["completion_thread"] + roles["sqs_receivers"] + roles["sqs_deleter"]
+    completion = (roles["completion_thread"] + roles["result_readers"] + roles["sqs_receivers"]
+                  + roles["sqs_deleter"])
     ms = 1e3 / count
     return {
         "invoker": args.impl, "endpoint": endpoint, "tasks": count, "done": len(done),
@@ -403,6 +423,7 @@ def phase_host_cpu(args, stack, endpoint, count=None, result_bytes=0):
         "breakdown_ms_per_task": {
             "submit_calls": submit_main * ms, "invoker_threads": roles["invokers"] * ms,
             "completion_thread": roles["completion_thread"] * ms,
+            "result_reader_threads": roles["result_readers"] * ms,
             "sqs_receiver_threads": roles["sqs_receivers"] * ms,
             "sqs_deleter_thread": roles["sqs_deleter"] * ms,
             "other_threads": roles["other"] * ms},
@@ -446,9 +467,15 @@ def phase_invoke_rate(args, stack):
     # These futures never complete (nothing runs them): the process ends without waiting.
     executor.shutdown(wait=False, cancel_futures=True)
     return {"invoker": args.impl, "invokes": count, "accepted": got,
-            "latency_ms": args.latency_ms, "invoke_threads": executor._backend.invoke_threads,
+            "latency_ms": args.latency_ms, "invoke_threads": invoke_threads(executor),
             "invokes_per_s": got / ((finished or time.perf_counter()) - start),
             "host_cpu_ms_per_task": cpu / max(got, 1) * 1e3, "complete": finished is not None}
+
+
+def invoke_threads(executor):
+    """The executor's invoker thread count (private: where it lives differs by version)."""
+    backend = getattr(executor, "_backend", None) or executor._scheduler.backend
+    return backend.invoke_threads
 
 
 def phase_inflight(args, stack):

@@ -4,7 +4,8 @@ Every row runs the same tasks, with the same worker count, through
 
     lf      LambdaExecutor(workers, backend="local")
     fork    ProcessPoolExecutor(workers, mp_context=fork): ratios are taken against it
-    spawn   ProcessPoolExecutor(workers, mp_context=spawn)
+    spawn   ProcessPoolExecutor(workers, mp_context=spawn): cold and memory rows only, unless
+            --warm-executors names it
     threads ThreadPoolExecutor(workers): a floor (no pickling, no processes), only if asked
 
 in the same process, `--rounds` times, the executors in turn within each round (in a rotated
@@ -16,7 +17,7 @@ first); the time runs from the first submit to the last result:
 
     noop_submit      --noop-tasks no-op calls, submit() each, then result() each
     noop_map         the same calls through map()
-    map_chunk250     the same calls through map(chunksize=250)
+    map_chunk250     --chunk-tasks no-op calls through map(chunksize=250)
     arg_<size>       --arg-tasks calls taking one argument of <size> bytes (--arg-sizes; one
                      shared object, random bytes, or a numpy array with --arg-kind numpy),
                      each returning len()
@@ -29,6 +30,8 @@ Cold rows, a new executor every round (its shutdown not timed):
 
     first_result     from before the constructor to the first of two concurrent no-ops' result
     second_result    ... to the second one's result (does it wait for another cold worker?)
+    cold_map_chunk250  from before the constructor to the last result of map() of
+                     --noop-tasks no-op calls with chunksize=250 (a short script's whole run)
 
 Memory row, in a fresh subprocess per executor and round (so no earlier row's heap counts):
 
@@ -42,6 +45,7 @@ One JSON line on stdout, a Markdown table on stderr. `--quick` fits in about a m
 
     python benchmarks/overhead.py [--quick] [--rounds 5] [--workers 2]
         [--executors lf,fork,spawn] [--rows noop_submit,...] [--noop-tasks 2000]
+        [--chunk-tasks 20000]
         [--arg-tasks 200] [--arg-sizes 1K,100K,1M,10M] [--arg-kind bytes|numpy]
         [--result-tasks 200] [--pending-tasks 500] [--timeout S]
 
@@ -72,7 +76,7 @@ import numpy as np  # noqa: E402
 import lambdafutures  # noqa: E402
 
 THROUGHPUT_ROWS = ("noop_submit", "noop_map", "map_chunk250", "arg", "result_1MB")
-COLD_ROWS = ("first_result", "second_result")
+COLD_ROWS = ("first_result", "second_result", "cold_map_chunk250")
 ALL_ROWS = THROUGHPUT_ROWS + COLD_ROWS + ("pending_rss",)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -169,7 +173,8 @@ def throughput_rows(args):
     if "noop_map" in args.rows:
         rows["noop_map"] = (n, lambda ex: list(ex.map(noop_one, range(n))))
     if "map_chunk250" in args.rows:
-        rows["map_chunk250"] = (n, lambda ex: list(ex.map(noop_one, range(n), chunksize=250)))
+        c = args.chunk_tasks
+        rows["map_chunk250"] = (c, lambda ex: list(ex.map(noop_one, range(c), chunksize=250)))
     if "arg" in args.rows:
         for label in args.arg_sizes.split(","):
             size = parse_size(label)
@@ -187,6 +192,16 @@ def throughput_rows(args):
         rows["result_1MB"] = (m, lambda ex: [f.result() for f in
                                              [ex.submit(make_array, 2 ** 20) for _ in range(m)]])
     return rows
+
+
+def cold_map(kind, workers, timeout, tasks):
+    start = time.perf_counter()
+    executor = make_executor(kind, workers, timeout)
+    try:
+        list(executor.map(noop_one, range(tasks), chunksize=250))
+        return time.perf_counter() - start
+    finally:
+        executor.shutdown(wait=True)
 
 
 def cold_round(kind, workers, timeout):
@@ -236,6 +251,19 @@ def run_pending_rss(kind, args):
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def git_commit(path):
+    """HEAD of the checkout the library came from, "+dirty" if its tree has changes."""
+    try:
+        head = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--",
+                                "../lambdafutures", "../handler"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "") if head else None
+
+
 def parse_size(label):
     units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
     label = label.upper().removesuffix("B")
@@ -251,10 +279,11 @@ def measure(args):
     def add(row, kind, sample):
         samples.setdefault(row, {}).setdefault(kind, []).append(sample)
 
+    warm_kinds = [kind for kind in args.warm_executors.split(",") if kind in kinds]
     warm, rows = {}, {}
     if any(r in args.rows for r in THROUGHPUT_ROWS):
         rows = throughput_rows(args)
-        for kind in kinds:
+        for kind in warm_kinds:
             warm[kind] = make_executor(kind, args.workers, args.timeout)
             [f.result() for f in [warm[kind].submit(noop) for _ in range(args.workers * 4)]]
     try:
@@ -262,12 +291,17 @@ def measure(args):
             order = kinds[round_number % len(kinds):] + kinds[:round_number % len(kinds)]
             for row, (tasks, run) in rows.items():
                 for kind in order:
-                    add(row, kind, timed(warm[kind], tasks, run))
-            if any(r in args.rows for r in COLD_ROWS):
+                    if kind in warm:
+                        add(row, kind, timed(warm[kind], tasks, run))
+            if "first_result" in args.rows or "second_result" in args.rows:
                 for kind in order:
                     first_s, second_s = cold_round(kind, args.workers, args.timeout)
                     add("first_result", kind, {"value": first_s * 1e3})
                     add("second_result", kind, {"value": second_s * 1e3})
+            if "cold_map_chunk250" in args.rows:
+                for kind in order:
+                    add("cold_map_chunk250", kind, {"value": 1e3 * cold_map(
+                        kind, args.workers, args.timeout, args.noop_tasks)})
             if "pending_rss" in args.rows and round_number < args.rss_rounds:
                 for kind in order:
                     add("pending_rss", kind, {"value": run_pending_rss(kind, args)})
@@ -277,7 +311,8 @@ def measure(args):
     return samples
 
 
-UNITS = {"first_result": "ms", "second_result": "ms", "pending_rss": "MB"}
+UNITS = {"first_result": "ms", "second_result": "ms", "cold_map_chunk250": "ms",
+         "pending_rss": "MB"}
 
 
 def summarise(samples):
@@ -331,9 +366,13 @@ def main(argv=None):
                         help="rounds of the subprocess memory row (default 3, --quick: 1)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--executors", default="lf,fork,spawn")
+    parser.add_argument("--warm-executors", default="lf,fork,threads",
+                        help="those of --executors that run the throughput rows (a warm "
+                             "spawn pool runs as a fork one does)")
     parser.add_argument("--rows", default=",".join(ALL_ROWS),
                         help="comma-separated subset of " + ",".join(ALL_ROWS))
     parser.add_argument("--noop-tasks", type=int, default=None, help="default 2000")
+    parser.add_argument("--chunk-tasks", type=int, default=20000)
     parser.add_argument("--arg-tasks", type=int, default=None, help="default 200 (--quick: 40)")
     parser.add_argument("--arg-sizes", default="1K,100K,1M,10M")
     parser.add_argument("--arg-kind", choices=("bytes", "numpy"), default="bytes")
@@ -353,8 +392,6 @@ def main(argv=None):
     args.arg_tasks = args.arg_tasks or (40 if quick else 200)
     args.result_tasks = args.result_tasks or (100 if quick else 200)
     args.rows = args.rows.split(",")
-    if quick and "--executors" not in (argv if argv is not None else sys.argv):
-        args.executors = "lf,fork"
 
     load_before = os.getloadavg()
     start = time.perf_counter()
@@ -364,6 +401,7 @@ def main(argv=None):
         "benchmark": "overhead",
         "lambdafutures_version": getattr(lambdafutures, "__version__", None),
         "lambdafutures_path": os.path.dirname(lambdafutures.__file__),
+        "lambdafutures_commit": git_commit(os.path.dirname(lambdafutures.__file__)),
         "workers": args.workers, "rounds": args.rounds, "rss_rounds": args.rss_rounds,
         "noop_tasks": args.noop_tasks, "arg_tasks": args.arg_tasks,
         "arg_kind": args.arg_kind, "result_tasks": args.result_tasks,
