@@ -476,6 +476,16 @@ def closure_over(secret):
     return task
 
 
+def big_closure_over(secret):
+    # Big enough to travel as a blob, which warm sandboxes cache (lambdafutures/shared.py).
+    big = secret.encode() * (2 * 1024 * 1024 // len(secret))
+
+    def task(x, also_secret):
+        time.sleep(0.3)
+        return x + len(secret) + len(also_secret) + (also_secret.encode() in big)
+    return task
+
+
 def _holds(value, secret) -> bool:
     if isinstance(value, str):
         return secret in value
@@ -534,15 +544,17 @@ def test_a_warm_sandbox_keeps_nothing_of_the_previous_executor(open_executor):
     overlap: set[str] = set()
     for tasks in (8, 16, 32):
         a = open_executor(max_workers=4)
-        futures = [a.submit(closure_over(secret), n, secret) for n in range(tasks)]
-        assert [f.result(timeout=60) for f in futures] == [n + 2 * len(secret)
-                                                           for n in range(tasks)]
-        assert secret in lambdafutures.output_of(futures[0])
+        small, big = closure_over(secret), big_closure_over(secret)
+        futures = [a.submit(small if n % 2 else big, n, secret) for n in range(tasks)]
+        assert [f.result(timeout=60) for f in futures] == [
+            n + 2 * len(secret) + (0 if n % 2 else 1) for n in range(tasks)]
+        assert secret in lambdafutures.output_of(futures[1])
         used_by_a = {lambdafutures.stats_of(f).worker_id for f in futures}
         a_id = a._scheduler.id
-        # The search works: within A, a sandbox keeps A's function (a warm start).
-        controls = [a.submit(search_sandbox, secret[::-1], "-") for _ in range(4)]
-        assert any("worker._functions" in f.result(timeout=60)[1] for f in controls)
+        # The search works: within A, sandboxes keep A's function and blobs (warm starts).
+        controls = [a.submit(search_sandbox, secret[::-1], "-") for _ in range(8)]
+        kept = [item for f in controls for item in f.result(timeout=60)[1]]
+        assert "worker._functions" in kept and any(item.startswith("a dict") for item in kept)
         a.shutdown()
         b = open_executor(max_workers=4)
         results = [f.result(timeout=60) for f in
