@@ -5,6 +5,10 @@ shutdown) and completions come back through the worker pool's sockets, which the
 completion thread reads itself (`receive` polls the pool), so a completion reaches its
 future without a thread hop. When the pool sees a worker die or run out of time, it writes
 the failure completion that Lambda's failure destination would carry on AWS.
+
+Parts: pool.py (the worker processes and their sockets), processes.py (starting them, and how
+many a machine runs), store.py (the store directory, and those of hosts that died);
+handler/local_worker.py is the worker's side and handler/frames.py the codec both use.
 """
 
 from __future__ import annotations
