@@ -143,12 +143,7 @@ def sign_event(key: bytes, event: dict[str, Any]) -> None:
 
 
 def event_is_signed(key: bytes, event: dict[str, Any]) -> bool:
-    signature = event.get("sig")
-    try:
-        expected = _mac(key, _EVENT_DOMAIN, _event_fields(event))
-    except (TypeError, ValueError, RecursionError):
-        return False
-    return isinstance(signature, str) and hmac.compare_digest(expected, signature)
+    return _is_signed(key, _EVENT_DOMAIN, _event_fields, event)
 
 
 def sign_completion(key: bytes, message: dict[str, Any]) -> dict[str, Any]:
@@ -157,10 +152,14 @@ def sign_completion(key: bytes, message: dict[str, Any]) -> dict[str, Any]:
 
 
 def completion_is_signed(key: bytes, message: dict[str, Any]) -> bool:
+    return _is_signed(key, _COMPLETION_DOMAIN, _completion_fields, message)
+
+
+def _is_signed(key: bytes, domain: bytes, fields: Any, message: dict[str, Any]) -> bool:
     signature = message.get("sig")
     try:
-        expected = _mac(key, _COMPLETION_DOMAIN, _completion_fields(message))
-    except (TypeError, ValueError, RecursionError):
+        expected = _mac(key, domain, fields(message))
+    except (TypeError, ValueError, RecursionError):  # values no signer could have written
         return False
     return isinstance(signature, str) and hmac.compare_digest(expected, signature)
 

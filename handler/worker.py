@@ -25,7 +25,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import blobs, output, protocol
+from . import blobs, exceptions, output, protocol
 from .transport import aws_client, open_store, send_reply
 
 WORKER_ID = uuid.uuid4().hex[:12]
@@ -138,8 +138,8 @@ def _run(event: dict[str, Any], stats: dict[str, Any], store: Any,
             init, initargs = cloudpickle.loads(initializer)
             init(*initargs)
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
-            return failed(protocol.INITIALIZER, _qualified_name(type(exc)),
-                          f"the executor's initializer failed: {_describe(exc)}",
+            return failed(protocol.INITIALIZER, exceptions.qualified_name(type(exc)),
+                          f"the executor's initializer failed: {exceptions.describe(exc)}",
                           _clip("".join(traceback.format_exception(type(exc), exc,
                                                                    exc.__traceback__)),
                                 _TRACEBACK_CHARS))
@@ -150,7 +150,6 @@ def _run(event: dict[str, Any], stats: dict[str, Any], store: Any,
         results = [fn(*args, **kwargs) for args, kwargs in calls]
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything
         stats["job_done"] = time.time()
-        from . import exceptions  # the exception's text and pickle (or rebuild recipe)
 
         tb = _clip(exceptions.format_traceback(exc), _TRACEBACK_CHARS)
         message = _clip(exceptions.describe(exc), _MESSAGE_CHARS)
@@ -160,7 +159,8 @@ def _run(event: dict[str, Any], stats: dict[str, Any], store: Any,
             # The texts travel in the same queue message as an inline blob: leave them room.
             room = len(json.dumps(message)) + len(json.dumps(tb))
             result, sig = _store_blob(event, store, key, pickled, room)
-        return failed(protocol.USER, _qualified_name(type(exc)), message, tb, result, sig)
+        return failed(protocol.USER, exceptions.qualified_name(type(exc)), message, tb, result,
+                      sig)
     stats["job_done"] = time.time()
 
     value = results if batch else results[0]
@@ -168,8 +168,8 @@ def _run(event: dict[str, Any], stats: dict[str, Any], store: Any,
         pickled = cloudpickle.dumps(value)
     except Exception as exc:  # noqa: BLE001 - reported to the host as a SerializationError
         return failed(protocol.SERIALIZATION, type(exc).__name__,
-                      f"result of type {_qualified_name(type(value))} cannot be pickled: "
-                      f"{exc}", traceback.format_exc())
+                      f"result of type {exceptions.qualified_name(type(value))} cannot be "
+                      f"pickled: {exc}", traceback.format_exc())
     result, sha256 = _store_blob(event, store, key, pickled)
     _finish_stats(stats)
     return protocol.make_completion(event, key, status="ok", stats=stats, result=result,
@@ -269,20 +269,6 @@ def _clip(text: str, limit: int) -> str:
     mark = f"\n[... clipped from {len(text)} characters ...]\n"
     keep = max(0, limit - len(mark))
     return text[:keep // 2] + mark + text[len(text) - (keep - keep // 2):]
-
-
-def _describe(exc: BaseException) -> str:
-    """str(exc), or a stand-in when the user's __str__ itself fails: the user's exception
-    must still reach the host rather than break the handler."""
-    try:
-        return str(exc)
-    except Exception as failure:  # noqa: BLE001 - any failure of user code
-        return f"<str() of {type(exc).__name__} failed: {type(failure).__name__}>"
-
-
-def _qualified_name(cls: type) -> str:
-    module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
 def _peak_memory_mb() -> float:
