@@ -283,7 +283,11 @@ def measure(args):
     warm, rows = {}, {}
     if any(r in args.rows for r in THROUGHPUT_ROWS):
         rows = throughput_rows(args)
-        for kind in warm_kinds:
+        # ProcessPoolExecutor(fork) forks all its workers at its first submit: do that before
+        # LambdaExecutor starts threads. A fork while its pool's thread is inside Popen gives
+        # the forked worker the write end of Popen's exec-status pipe, and Popen then waits
+        # for that worker to exit (seen here: shutdown() hung joining that thread).
+        for kind in sorted(warm_kinds, key=lambda kind: kind == "lf"):
             warm[kind] = make_executor(kind, args.workers, args.timeout)
             [f.result() for f in [warm[kind].submit(noop) for _ in range(args.workers * 4)]]
     try:
