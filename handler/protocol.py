@@ -29,8 +29,10 @@ an attempt that the host itself considers running, and only if the record carrie
 attempt's own event with a valid signature.
 
 A payload's bytes (see `pack_payload`) hold the function's pickle and the calls' pickle
-apart, so that both ends can reuse a function's pickle across tasks. A result's bytes are
-one pickle.
+apart, so that both ends can reuse a function's pickle across tasks. Large objects in them
+are named by the SHA-256 of their own pickle and stored once per executor at `blob_key`
+(blobs.py); the payload lists those digests, so its signed hash covers them. A result's
+bytes are one pickle.
 """
 
 from __future__ import annotations
