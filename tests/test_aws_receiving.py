@@ -32,7 +32,7 @@ from lambdafutures.backends.aws import (
 )
 from lambdafutures.backends.aws.invoke import LambdaInvoker
 from lambdafutures.backends.aws.lean import LeanSqsClient, make_sqs
-from lambdafutures.backends.aws.retry import INVOKE, RetryBudget
+from lambdafutures.backends.aws.retry import INVOKE, RECEIVE, RetryBudget
 from lambdafutures_handler import protocol
 
 RECEIVERS = ("lean", "boto3")
@@ -52,14 +52,14 @@ def names():
 
 
 def open_queue(sqs, kind="lean", failure_queue_url=None, long_poll_s=20, prefix=None,
-               executor=None, client=None):
+               executor=None, client=None, **options):
     session, boto_client = sqs
     default_prefix, default_executor = names()
     prefix, executor = prefix or default_prefix, executor or default_executor
     client = client or make_sqs(kind, boto_client, session, 8)
     return SqsCompletionQueue(client, prefix + executor, executor,
                               failure_queue_url=failure_queue_url, receivers=4,
-                              long_poll_s=long_poll_s)
+                              long_poll_s=long_poll_s, **options)
 
 
 def collect(queue, count, timeout=20.0):
@@ -223,6 +223,31 @@ def test_a_receiver_hitting_a_bug_makes_receive_raise(sqs):
     try:
         with pytest.raises(KeyError, match="a bug in the receive path"):
             raises_within(queue)
+    finally:
+        queue.close()
+
+
+class ThrottledReceives(BuggyReceives):
+    """An SQS client whose every receive is throttled."""
+
+    def __init__(self, client):
+        super().__init__(client)
+        self.receives = 0
+
+    def receive_message(self, **params):
+        self.receives += 1
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"},
+                           "ResponseMetadata": {"HTTPStatusCode": 400}}, "ReceiveMessage")
+
+
+def test_receives_throttled_past_their_policy_make_receive_raise(sqs):
+    client = ThrottledReceives(sqs[1])
+    queue = open_queue(sqs, client=client,
+                       receive_policy=replace(RECEIVE, attempts=3, wait=wait_none()))
+    try:
+        with pytest.raises(ClientError, match="ThrottlingException"):
+            raises_within(queue)
+        assert client.receives >= 3  # one receiver's three attempts, at least
     finally:
         queue.close()
 

@@ -30,7 +30,7 @@ from typing import Any
 from lambdafutures_handler import protocol
 
 from ..base import take_batch
-from .retry import DELETE, FORWARD, QUEUE, RECEIVE
+from .retry import DELETE, FORWARD, QUEUE, RECEIVE, RetryPolicy
 
 log = logging.getLogger("lambdafutures")
 
@@ -52,11 +52,14 @@ class SqsCompletionQueue:
     `failure_queue_url`, until `close()` (which deletes the queue).
 
     `sqs` is an SQS client with its own retries off (each call here runs under one of
-    retry.py's policies); a `LeanSqsClient` lets close() cut the long polls in flight."""
+    retry.py's policies); a `LeanSqsClient` lets close() cut the long polls in flight.
+    `receive_policy` is `retry.RECEIVE` but for tests."""
 
     def __init__(self, sqs: Any, queue_name: str, executor_id: str, *,
-                 failure_queue_url: str | None, receivers: int, long_poll_s: int) -> None:
+                 failure_queue_url: str | None, receivers: int, long_poll_s: int,
+                 receive_policy: RetryPolicy = RECEIVE) -> None:
         self._sqs = sqs
+        self._receive_policy = receive_policy
         self._executor_id = executor_id
         self._queue_prefix = queue_name[:-len(executor_id)]
         self._interrupt = getattr(sqs, "interrupt_receives", None)
@@ -135,7 +138,7 @@ class SqsCompletionQueue:
         wait_s = min(self._long_poll_s, _SHORT_POLL_S) if shared else self._long_poll_s
         try:
             while not self._closed.is_set():
-                response = RECEIVE.call(lambda: self._sqs.receive_message(
+                response = self._receive_policy.call(lambda: self._sqs.receive_message(
                     QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_s,
                     MessageAttributeNames=[], AttributeNames=[]), until=self._closed)
                 for raw in response.get("Messages", ()):
