@@ -69,7 +69,6 @@ class SqsCompletionQueue:
             QueueName=queue_name,
             Attributes={"SqsManagedSseEnabled": "true", "MessageRetentionPeriod": "86400"},
         ))["QueueUrl"]
-        self._failure_queue_url = failure_queue_url
         self._received: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._acks: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self._closed = threading.Event()
