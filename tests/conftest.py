@@ -82,6 +82,24 @@ def make_executor(backend):
         executor.shutdown(wait=True, cancel_futures=True)
 
 
+# -- for the deploy tests ------------------------------------------------------------------------
+
+@pytest.fixture
+def name() -> str:
+    """A fresh deployment name, so that tests never share AWS resources."""
+    import uuid
+
+    return f"d{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def config_file(tmp_path, monkeypatch):
+    """Where `lambdafutures deploy` writes, and LambdaExecutor reads, the deployment config."""
+    path = tmp_path / "config.json"
+    monkeypatch.setenv("LAMBDAFUTURES_CONFIG", str(path))
+    return path
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The fault-injection figures (tests/test_faults.py) as a Markdown table."""
     table = getattr(config, "_lambdafutures_fault_table", None)

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -38,18 +37,6 @@ READ_ONLY = ("Get", "List", "Head", "Describe")
 
 
 # -- fixtures -------------------------------------------------------------------------------
-
-@pytest.fixture
-def name() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def config_file(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "config.json"
-    monkeypatch.setenv("LAMBDAFUTURES_CONFIG", str(path))
-    return path
-
 
 @pytest.fixture
 def clients(moto_server):

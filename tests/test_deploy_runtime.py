@@ -18,7 +18,6 @@ import os
 import re
 import sys
 import threading
-import uuid
 import zipfile
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -40,18 +39,6 @@ NUMPY = importlib.metadata.version("numpy")
 
 
 # -- fixtures and helpers -------------------------------------------------------------------
-
-@pytest.fixture
-def name() -> str:
-    return f"r{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def config_file(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "config.json"
-    monkeypatch.setenv("LAMBDAFUTURES_CONFIG", str(path))
-    return path
-
 
 @pytest.fixture
 def lam(moto_server):
