@@ -4,12 +4,17 @@
 deployment's queues (an executor's completion queue is found by its name, `queue_prefix` +
 executor id), the worker role's S3 GetObject / PutObject under the deployment's prefix, and
 InvokeFunction on the function. It never goes through lambdafutures' own host code.
+
+Also here: the forged messages it sends (`forgeries`), and the search a task of its own
+runs in a warm sandbox for what another executor left there (`search_sandbox`, shipped by
+value like any function of this module).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import pickle
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -18,6 +23,7 @@ from typing import Any
 import boto3
 
 from lambdafutures.testing.records import failure_record
+from lambdafutures_handler import protocol
 
 
 class Principal:
@@ -168,3 +174,116 @@ def leaks(key: bytes, seen: dict[str, str | bytes]) -> list[str]:
         if any(form in data or form in latin for form in forms):
             found.append(name)
     return found
+
+
+# -- forgeries ----------------------------------------------------------------------------
+
+class Trap:
+    """Unpickling this creates a file: proof that someone unpickled it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def forgeries(executor: str, key: bytes, other: str, trap: str) -> tuple[list, dict]:
+    """(bodies sent while the tasks run, the "captured" genuine completion of task 3)."""
+    trap_pickle = pickle.dumps(Trap(trap))
+    trapped = {"inline": base64.b64encode(trap_pickle).decode()}
+    attacker_key = protocol.new_key()
+
+    def completion(task, **fields):
+        body = {"v": protocol.VERSION, "executor": executor, "task": task, "attempt": 0,
+                "status": "ok", "result": trapped, "result_sha256": protocol.digest(trap_pickle),
+                "error": None, "stats": {}, "output": None, "sig": "0" * 64}
+        body.update(fields)
+        return body
+
+    def error(kind):
+        return {"kind": kind, "type": "ValueError", "message": "forged", "traceback": ""}
+
+    thirty = pickle.dumps(30)
+    captured = protocol.make_completion(
+        {"executor": executor, "task": 3, "attempt": 0}, key, status="ok",
+        stats={"worker_id": "eavesdropped"}, result=protocol.inline_blob(thirty),
+        result_sha256=protocol.digest(thirty))
+    bodies = [
+        completion(1),                                                     # ok, trap, bad sig
+        protocol.sign_completion(attacker_key, completion(1)),             # ok, trap, own key
+        completion(2, status="error", result=None, result_sha256=None, error=error("user")),
+        completion(0, status="error", result=None, result_sha256=None, error=error("crash")),
+        completion(2, status="error", result=None, result_sha256=None, error=error("timeout")),
+        protocol.sign_completion(attacker_key, completion(1, executor=other)),
+        dict(captured, task=0),                                            # replayed, renamed
+        dict(captured, attempt=1),
+        dict(captured, status="error", result=None, error=error("crash")),
+        completion(2, v=2, result={"key": f"{other}/0/0/result"}),          # v2-style key
+        completion(2, result={"key": f"{other}/0/0/result"}),
+        completion(2, result={"stored": True}),                            # own key, bad sig
+        "[]", '"x"', "{}", "null", "17", "not json {", "z" * 200_000,
+        completion([0]), completion(0, status="error", error="boom", result=None),
+        completion(0, attempt=-1), completion(0, stats="none"), completion(0, output=17),
+        completion(0, status="maybe"), {"v": protocol.VERSION, "executor": executor},
+        lambda_record({"hello": 1}),
+        {"hint": protocol.CRASH, "message": "forged", "event": {"executor": executor,
+                                                                 "task": 0, "attempt": 0}},
+    ]
+    return bodies, captured
+
+
+
+# -- what a task of another executor can find in a warm sandbox -------------------------------
+
+def _holds(value, secret) -> bool:
+    if isinstance(value, str):
+        return secret in value
+    if isinstance(value, (bytes, bytearray)):
+        return secret.encode() in value
+    return False
+
+
+def search_sandbox(reversed_secret, other_executor):
+    """(this sandbox's worker id, what of `other_executor` it can still reach): functions
+    whose closure or globals hold the secret, containers that hold it as text, and the
+    other executor's messages. The secret comes reversed, and lives here in a local only,
+    so that the search does not find its own arguments."""
+    import gc
+    import types
+    from collections import deque
+
+    from lambdafutures_handler import worker
+
+    secret = reversed_secret[::-1]
+    time.sleep(0.3)
+    found = []
+    seen_globals = set()
+    for obj in gc.get_objects():
+        if isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    if _holds(cell.cell_contents, secret):
+                        found.append(f"closure of {obj.__qualname__}")
+                except ValueError:
+                    pass  # an empty cell
+            if id(obj.__globals__) not in seen_globals:
+                seen_globals.add(id(obj.__globals__))
+                if any(_holds(value, secret) for value in list(obj.__globals__.values())):
+                    found.append(f"globals of {obj.__qualname__}")
+        elif isinstance(obj, dict):
+            if obj.get("executor") == other_executor:
+                found.append(f"a message of the other executor: {sorted(obj)}")
+            elif any(_holds(value, secret) for value in list(obj.values())):
+                found.append(f"a dict with keys {sorted(map(str, obj))[:10]}")
+        elif isinstance(obj, (list, tuple, deque)) and obj is not found:
+            if any(_holds(item, secret) for item in list(obj)):
+                found.append(f"a {type(obj).__name__}")
+    for fn in list(worker._functions.values()):
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                if _holds(cell.cell_contents, secret):
+                    found.append("worker._functions")
+            except ValueError:
+                pass
+    return worker.WORKER_ID, found
