@@ -211,7 +211,7 @@ class LambdaExecutor(Executor):
             futures = [ex.submit(fit, data, seed) for seed in range(1000)]
         """
         self._scheduler.check_open()
-        return shared.share(obj, self._scheduler.blobs)
+        return shared.share(obj)
 
     def _submit(self, fn: Callable[..., Any], calls: list[tuple[tuple, dict]],
                 batch: bool) -> Future:

@@ -13,6 +13,7 @@ and queues gone). A broken scheduler ends every unfinished future with BrokenExe
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import sys
@@ -46,6 +47,10 @@ _live_lock = threading.Lock()
 
 
 _echo_lock = threading.Lock()
+
+
+def _release(blobs: shared.BlobRegistry, digests: tuple[str, ...], _: Future) -> None:
+    blobs.release(digests)
 
 
 def _echo(task_id: int, text: str) -> None:
@@ -114,9 +119,13 @@ class Scheduler:
                     _RELAUNCHES if self.queue_expiry is not None else 0)
 
     def submit(self, task: Task) -> None:
+        digests = protocol.payload_blobs(task.payload) if task.payload is not None else ()
         with self._state_lock:
             self.check_open()
             start = self.table.add(task)
+        if digests:
+            # Counted while pickling (shared.py); a blob no task needs may then be deleted.
+            task.future.add_done_callback(functools.partial(_release, self.blobs, digests))
         if self.stragglers is not None:
             self.stragglers.submitted_one()
         if start:

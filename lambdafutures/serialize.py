@@ -313,6 +313,8 @@ def dumps_call(fn: Any, calls: list[tuple[tuple, dict]], batch: bool,
         return protocol.pack_payload(fn_pickle, calls_pickle, flags, initializer,
                                      list(refs.digests) if refs is not None else ())
     except Exception as exc:
+        if refs is not None:
+            blobs.release(refs.digests)  # no task will name them
         with shared.naming(None if refs is None else shared.PayloadBlobs(None)):
             culprit = _culprit_of_call(fn, calls, batch)
         where = f"{culprit}: " if culprit else ""

@@ -9,8 +9,9 @@ copy of those bytes however many tasks name them, until the scheduler has stored
 under `protocol.blob_key(executor, digest)`, just before the first task that needs them is
 invoked (on an invoker thread where the backend has them). Workers fetch a blob by digest,
 check its hash, keep its bytes while the sandbox serves this executor, and unpickle a fresh
-object for each task (lambdafutures_handler/blobs.py). Blobs go with the executor's other
-objects at shutdown.
+object for each task (lambdafutures_handler/blobs.py). A stored blob that no unfinished
+task needs is kept for later payloads within a bound, then deleted (`BlobRegistry`); the
+rest go with the executor's other objects at shutdown.
 
 Which objects: those that are large by their type alone, checked cheaply: numpy arrays
 (exactly `numpy.ndarray`, not of dtype object) of at least `BLOB_THRESHOLD` bytes, `bytes`
@@ -35,14 +36,12 @@ import io
 import pickle
 import sys
 import threading
-import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 from lambdafutures_handler import blobs as wire
-from lambdafutures_handler import protocol
 
+from .blob_registry import BlobRegistry
 from .errors import SerializationError
 
 # Smaller objects stay in the payload: a blob costs an object store request on each side
@@ -97,8 +96,9 @@ class Shared(Generic[T]):
                         "the executor's initargs")
 
 
-def share(obj: T, registry: BlobRegistry) -> Shared[T]:
-    """Pickle `obj` once into a blob of `registry` and return its handle."""
+def share(obj: T) -> Shared[T]:
+    """Pickle `obj` once into a blob and return its handle (registered by the payloads that
+    name it, in their executor's registry)."""
     if isinstance(obj, Shared):
         return obj
     kind = type(obj)
@@ -108,83 +108,9 @@ def share(obj: T, registry: BlobRegistry) -> Shared[T]:
         raise SerializationError(f"cannot share the {kind.__qualname__} object: "
                                  f"{type(exc).__name__}: {exc}") from exc
     data = b"".join(parts)
-    registry.add(digest, data)
     name = kind.__qualname__ if kind.__module__ == "builtins" else (
         f"{kind.__module__}.{kind.__qualname__}")
     return Shared(digest, data, name)
-
-
-# -- the host's registry -----------------------------------------------------------------------
-
-class BlobRegistry:
-    """One executor's blobs on the host: each stored once, its bytes held until then.
-
-    Once stored, a blob's bytes are dropped here (a `Shared` handle keeps its own); a payload
-    that names it later needs nothing more, unless it was stored so long ago that the
-    bucket's lifecycle rule may have expired it: then the bytes that payload brings are
-    stored again."""
-
-    # The deployment's lifecycle rule expires task objects after a day at the soonest.
-    STORE_AGAIN_AFTER_S = 12 * 3600
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: dict[str, bytes] = {}       # named by a payload, not yet stored
-        self._storing: dict[str, Future] = {}      # being stored by some thread
-        self._stored: dict[str, float] = {}        # digest -> time.monotonic() when stored
-
-    def needs(self, digest: str) -> bool:
-        """True unless the blob is held here or was stored recently."""
-        with self._lock:
-            return digest not in self._waiting and not self._fresh(digest)
-
-    def add(self, digest: str, data: bytes) -> None:
-        with self._lock:
-            if digest not in self._waiting and not self._fresh(digest):
-                self._waiting[digest] = data
-                self._stored.pop(digest, None)
-
-    def _fresh(self, digest: str) -> bool:
-        stored = self._stored.get(digest)
-        return stored is not None and time.monotonic() - stored < self.STORE_AGAIN_AFTER_S
-
-    def ensure_stored(self, digests: Iterable[str], store: Any, executor: str) -> None:
-        """Return once every blob in `digests` is in `store`: each is put by one thread, the
-        first that needs it; the others wait for that put. Raises what the put raised."""
-        for digest in digests:
-            with self._lock:
-                if digest in self._stored:
-                    continue
-                pending = self._storing.get(digest)
-                if pending is None:
-                    data = self._waiting.get(digest)
-                    if data is None:
-                        raise LookupError(f"blob {digest} is unknown to this executor (it "
-                                          f"was shut down?)")
-                    pending = self._storing[digest] = Future()
-                    mine = True
-                else:
-                    mine = False
-            if not mine:
-                pending.result()
-                continue
-            try:
-                store.put(protocol.blob_key(executor, digest), data)
-            except BaseException as exc:
-                with self._lock:
-                    del self._storing[digest]  # the next task that needs it tries again
-                pending.set_exception(exc)
-                raise
-            with self._lock:
-                del self._storing[digest]
-                self._waiting.pop(digest, None)
-                self._stored[digest] = time.monotonic()
-            pending.set_result(None)
-
-    def close(self) -> None:
-        """Drop every blob's bytes: the executor is closed (its objects go with it)."""
-        with self._lock:
-            self._waiting.clear()
 
 
 # -- naming blobs while a payload is pickled ---------------------------------------------------
@@ -243,9 +169,9 @@ class PayloadBlobs:
         """The persistent id naming `obj`, or None to pickle it in place."""
         kind = type(obj)
         if kind is Shared:
-            if self.registry is not None:
-                self.registry.add(obj.digest, obj._data)
-            self.digests[obj.digest] = None
+            if self.registry is not None and obj.digest not in self.digests:
+                self.registry.reference(obj.digest, obj.nbytes, lambda: obj._data)
+                self.digests[obj.digest] = None
             return (_TAG, obj.digest)
         if kind is bytes or kind is bytearray:
             if len(obj) < BLOB_THRESHOLD:
@@ -259,9 +185,10 @@ class PayloadBlobs:
             pid = (_TAG, "0" * 64)
         else:
             digest, parts = _encode(_OutOfBand(kind, obj) if kind is not _ndarray() else obj)
-            if self.registry.needs(digest):
-                self.registry.add(digest, b"".join(parts))
-            self.digests[digest] = None
+            if digest not in self.digests:  # each payload counts a blob once
+                size = sum(memoryview(part).nbytes for part in parts)
+                self.registry.reference(digest, size, lambda: b"".join(parts))
+                self.digests[digest] = None
             pid = (_TAG, digest)
         self._memo[id(obj)] = (obj, pid)  # keeps `obj`, so that its id stays its own
         return pid

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import lambdafutures
-from lambdafutures import SerializationError, Shared, SignatureMismatch
+from lambdafutures import SerializationError, Shared, SignatureMismatch, shared
 from lambdafutures_handler import blobs
 
 pytestmark = pytest.mark.timeout(240)
@@ -88,6 +88,20 @@ def test_a_big_argument_is_stored_once_and_small_ones_stay_inline(make_executor)
     assert len(blob_keys(ex)) == 2  # the array and the 3 MiB bytes; not the 1,000 bytes
     assert ex.submit(total, np.arange(1000)).result(timeout=60) == 499500
     assert len(blob_keys(ex)) == 2
+
+
+def test_blobs_no_task_needs_are_deleted_beyond_a_bound(make_executor, monkeypatch):
+    monkeypatch.setattr(shared.BlobRegistry, "KEEP_UNUSED_BYTES", 4 * MiB)
+    ex = make_executor(max_workers=1)
+    chunks = [os.urandom(2 * MiB) for _ in range(12)]
+    # A stream of distinct big arguments does not fill the store (on the local backend,
+    # memory): the two most recently used stay, for payloads to come, and one on its way out.
+    assert [ex.submit(len, chunk).result(timeout=60) for chunk in chunks] == [2 * MiB] * 12
+    assert len(blob_keys(ex)) <= 3
+    # One kept serves a payload that names it again: nothing new is stored.
+    kept = set(blob_keys(ex))
+    assert ex.submit(len, chunks[-1]).result(timeout=60) == 2 * MiB
+    assert set(blob_keys(ex)) <= kept
 
 
 def test_a_shared_object_reaches_each_task_as_its_own_copy(make_executor):
