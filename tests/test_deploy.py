@@ -141,9 +141,14 @@ def test_worker_policy_is_least_privilege():
         "Version": "2012-10-17",
         "Statement": [
             {"Sid": "TaskObjects", "Effect": "Allow",
-             "Action": ["s3:GetObject", "s3:PutObject"],
+             "Action": ["s3:GetObject"],
              "Resource": [
                  "arn:aws:s3:::lambdafutures-123456789012-us-east-1/tasks/lambdafutures/*"]},
+            {"Sid": "Results", "Effect": "Allow",
+             "Action": ["s3:PutObject"],
+             "Resource": [
+                 "arn:aws:s3:::lambdafutures-123456789012-us-east-1/tasks/lambdafutures/*/result"
+             ]},
             {"Sid": "Queues", "Effect": "Allow", "Action": ["sqs:SendMessage"],
              "Resource": ["arn:aws:sqs:us-east-1:123456789012:lambdafutures-x-*",
                           "arn:aws:sqs:us-east-1:123456789012:lambdafutures-failures"]},
@@ -295,10 +300,13 @@ def test_deploy_creates_everything_twice_changes_nothing_destroy_removes_all(
     if isinstance(document, str):
         document = json.loads(document)
     statements = {s["Sid"]: s for s in document["Statement"]}
-    assert set(statements) == {"TaskObjects", "Queues", "Logs"}
+    assert set(statements) == {"TaskObjects", "Results", "Queues", "Logs"}
     assert all(s["Effect"] == "Allow" for s in statements.values())
-    assert sorted(statements["TaskObjects"]["Action"]) == ["s3:GetObject", "s3:PutObject"]
+    assert statements["TaskObjects"]["Action"] == ["s3:GetObject"]
     assert statements["TaskObjects"]["Resource"] == [f"arn:aws:s3:::{bucket}/tasks/{name}/*"]
+    assert statements["Results"]["Action"] == ["s3:PutObject"]
+    assert statements["Results"]["Resource"] == [
+        f"arn:aws:s3:::{bucket}/tasks/{name}/*/result"]
     assert statements["Queues"]["Action"] == ["sqs:SendMessage"]
     assert sorted(statements["Queues"]["Resource"]) == sorted([
         f"arn:aws:sqs:{REGION}:{ACCOUNT}:{name}-x-*", failure_arn])

@@ -189,8 +189,17 @@ class Deployment:
                 {
                     "Sid": "TaskObjects",
                     "Effect": "Allow",
-                    "Action": ["s3:GetObject", "s3:PutObject"],
+                    "Action": ["s3:GetObject"],
                     "Resource": [f"arn:{self.partition}:s3:::{self.bucket}/{self.prefix}/*"],
+                },
+                {
+                    # A worker writes results only: keys, payloads and blobs are the host's,
+                    # so a task cannot overwrite another executor's key or inputs.
+                    "Sid": "Results",
+                    "Effect": "Allow",
+                    "Action": ["s3:PutObject"],
+                    "Resource": [
+                        f"arn:{self.partition}:s3:::{self.bucket}/{self.prefix}/*/result"],
                 },
                 {
                     # Completions go to per-executor queues; Lambda delivers async-invoke
