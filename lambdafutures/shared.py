@@ -30,13 +30,11 @@ submit that captures it (about 25 ms here), because it may have changed in place
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import pickle
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 from lambdafutures_handler import blobs as wire
@@ -137,15 +135,21 @@ BLOB_TAG = _TAG.encode()
 _naming = threading.local()
 
 
-@contextlib.contextmanager
-def naming(refs: PayloadBlobs | None) -> Iterator[None]:
-    """Pickle with `refs` in this thread: `_dumps` then names blobs (serialize.py)."""
-    saved = getattr(_naming, "refs", None)
-    _naming.refs = refs
-    try:
-        yield
-    finally:
-        _naming.refs = saved
+class naming:  # noqa: N801 - used as a function: `with naming(refs):`
+    """Pickle with `refs` in this thread: `_dumps` then names blobs (serialize.py). A class,
+    not a generator: it runs at every submit."""
+
+    __slots__ = ("refs", "saved")
+
+    def __init__(self, refs: PayloadBlobs | None) -> None:
+        self.refs = refs
+
+    def __enter__(self) -> None:
+        self.saved = getattr(_naming, "refs", None)
+        _naming.refs = self.refs
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _naming.refs = self.saved
 
 
 def current() -> PayloadBlobs | None:
