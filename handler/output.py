@@ -75,21 +75,44 @@ class TailBuffer(io.TextIOBase):
         return body
 
 
+class _TaskLogHandler(logging.Handler):
+    """One handler on the root logger for the process's life, writing to the running task's
+    buffer and to nothing between tasks (adding and removing a handler per task costs more
+    than a short task)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffer: TailBuffer | None = None
+        self.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        buffer = self.buffer
+        if buffer is not None:
+            try:
+                buffer.write(self.format(record) + "\n")
+            except Exception:  # noqa: BLE001 - as logging.StreamHandler does
+                self.handleError(record)
+
+
+_handler: _TaskLogHandler | None = None
+
+
 @contextmanager
 def captured(limit: int, tee: bool) -> Iterator[TailBuffer | None]:
     """Capture the task's output while the block runs; yields None when `limit` is 0."""
+    global _handler
     if limit <= 0:
         yield None
         return
+    if _handler is None:
+        _handler = _TaskLogHandler()
+        logging.getLogger().addHandler(_handler)
     saved_out, saved_err = sys.stdout, sys.stderr
     buffer = TailBuffer(limit, saved_out if tee else None)
-    handler = logging.StreamHandler(buffer)
-    handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
+    _handler.buffer = buffer
     sys.stdout = sys.stderr = buffer
     try:
         yield buffer
     finally:
         sys.stdout, sys.stderr = saved_out, saved_err
-        root.removeHandler(handler)
+        _handler.buffer = None

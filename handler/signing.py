@@ -34,7 +34,7 @@ def digest(data: bytes | memoryview) -> str:
 
 
 def _mac(key: bytes, domain: bytes, fields: list) -> str:
-    return hmac.new(key, domain + _canonical(fields).encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(key, domain + _canonical(fields).encode(), "sha256").hex()
 
 
 def _event_fields(event: dict[str, Any]) -> list:

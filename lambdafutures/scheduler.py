@@ -277,7 +277,7 @@ class Scheduler:
             self.stragglers.finished_in(
                 None if result.exception is not None or task.invoked_at is None
                 else time.time() - task.invoked_at)
-        task_stats.attach(task.future, task_stats.from_message(
+        task_stats.attach(task.future, dict(
             task=task.id, attempt=attempt, calls=task.calls,
             host_submit=task.submitted_at, invoked=task.invoked_at, received=time.time(),
             status="ok" if result.exception is None else "error",

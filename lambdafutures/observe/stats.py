@@ -70,7 +70,13 @@ def stats_of(future: Future) -> TaskStats | None:
 
     A cancelled future, one that never started, or one from another executor has none."""
     with _lock:
-        return _stats.get(future)
+        entry = _stats.get(future)
+    if entry is None or isinstance(entry, TaskStats):
+        return entry
+    stats = from_message(**entry)  # built when first asked for, not for every task
+    with _lock:
+        _stats[future] = stats
+    return stats
 
 
 def output_of(future: Future) -> str:
@@ -80,7 +86,8 @@ def output_of(future: Future) -> str:
         return _outputs.get(future, "")
 
 
-def attach(future: Future, stats: TaskStats) -> None:
+def attach(future: Future, stats: TaskStats | dict[str, Any]) -> None:
+    """Keep `stats` for `future`: a TaskStats, or the keyword arguments of `from_message`."""
     with _lock:
         _stats[future] = stats
 
