@@ -234,7 +234,7 @@ class _OutOfBand:
 def _encode(obj: Any) -> tuple[str, list[bytes | memoryview]]:
     """(digest, the blob's bytes in parts): `obj` pickled alone, with protocol 5, its large
     buffers (an array's data) out of band, so that they are hashed where they lie."""
-    from .serialize import _Pickler  # serialize imports this module
+    from .pickler import _Pickler  # pickler imports this module
 
     buffers: list[pickle.PickleBuffer] = []
     with io.BytesIO() as file:
