@@ -737,12 +737,13 @@ def test_cancel_many_while_running(make_executor):
     assert ex.submit(tasks.square, 3).result(timeout=30) == 9
 
 
-def test_shutdown_no_wait_cancel_futures(make_executor):
+def test_shutdown_no_wait_cancel_futures(make_executor, backend):
     ex = make_executor(max_workers=1)
     running = ex.submit(tasks.sleep_then, 0.5, "ran")
     pending = [ex.submit(tasks.identity, i) for i in range(5)]
     ex.shutdown(wait=False, cancel_futures=True)
-    assert all(f.cancelled() for f in pending)
+    # A task already handed to the busy local worker runs (see test_shutdown_cancel_futures).
+    assert sum(not f.cancelled() for f in pending) <= (1 if backend == "local" else 0)
     assert running.result(timeout=60) == "ran"
     done, not_done = wait([running, *pending], timeout=10)
     assert not not_done
@@ -758,7 +759,9 @@ def test_keyboard_interrupt_in_the_with_block_abandons_the_work(make_executor):
     # Leaving the block did not wait for the running task: every future has ended.
     assert running.done()
     assert isinstance(running.exception(timeout=0), lambdafutures.BrokenExecutor)
-    assert all(f.cancelled() for f in pending)
+    # Each was cancelled, or (the one handed to the busy local worker) ended broken too.
+    assert all(f.cancelled() or isinstance(f.exception(timeout=0), lambdafutures.BrokenExecutor)
+               for f in pending)
     done, not_done = wait([running, *pending], timeout=10)
     assert not not_done
     with pytest.raises((RuntimeError, lambdafutures.BrokenExecutor)):

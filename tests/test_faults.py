@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
+from faults import DELAY, DROP, DUPLICATE, ERROR, RESET, THROTTLE, Rule
 
 from lambdafutures import (
     InvocationFailed,
@@ -39,7 +40,6 @@ from lambdafutures import (
     WorkerCrashed,
     stats_of,
 )
-from faults import DELAY, DROP, DUPLICATE, ERROR, RESET, THROTTLE, Rule
 
 pytestmark = pytest.mark.faults
 
@@ -206,6 +206,7 @@ def fault_stack(aws_stack):
     SQS and S3, and the endpoint's workers -> SQS and S3 (an endpoint and sandboxes of its
     own, so that workers reach AWS through a proxy)."""
     from faults import FaultProxy
+
     from lambdafutures.testing.lambda_endpoint import LambdaEndpoint
 
     worker = FaultProxy(aws_stack.moto_url, seed=3).start()
