@@ -194,3 +194,32 @@ def test_a_tampered_blob_fails_its_task_without_being_unpickled(make_executor, t
 def test_shared_is_public():
     assert lambdafutures.Shared is Shared
     assert "Shared" in lambdafutures.__all__
+
+
+def sandbox_blobs():
+    """Runs in a sandbox: its id and the digests of the blobs it keeps."""
+    from lambdafutures_handler import blobs as sandbox_cache
+    from lambdafutures_handler import worker
+
+    return worker.WORKER_ID, sorted(sandbox_cache._cache)
+
+
+def test_a_warm_sandbox_keeps_no_blob_of_the_previous_executor(make_executor, backend):
+    if backend != "aws":
+        pytest.skip("local sandboxes belong to one executor; the AWS stack's serve all")
+    data = os.urandom(2 * MiB)
+    for tasks in (8, 16, 32):
+        a = make_executor(max_workers=4)
+        assert [f.result(timeout=60) for f in [a.submit(len, data) for _ in range(tasks)]] \
+            == [len(data)] * tasks
+        [digest] = [key.rsplit("/", 1)[1] for key in blob_keys(a)]
+        seen = [f.result(timeout=60) for f in [a.submit(sandbox_blobs) for _ in range(4)]]
+        assert any(digest in kept for _, kept in seen)  # the search works: A's sandboxes keep it
+        a.shutdown()
+        b = make_executor(max_workers=4)
+        found = [f.result(timeout=60) for f in [b.submit(sandbox_blobs) for _ in range(tasks)]]
+        b.shutdown()
+        assert all(digest not in kept for _, kept in found)
+        if {worker for worker, _ in seen} & {worker for worker, _ in found}:
+            return
+    pytest.fail("no task of B ran in a sandbox that A used")
