@@ -100,7 +100,7 @@ def runtime_versions() -> dict[str, str]:
             "python": "%d.%d" % sys.version_info[:2],
             "cloudpickle": cloudpickle.__version__,
         }
-    return dict(_runtime)
+    return _runtime  # one dict shared by every event: nothing may change it
 
 
 # -- blobs ---------------------------------------------------------------------------------
@@ -108,16 +108,22 @@ def runtime_versions() -> dict[str, str]:
 STORED: dict[str, bool] = {"stored": True}
 
 
-def inline_blob(data: bytes) -> dict[str, str]:
-    return {"inline": base64.b64encode(data).decode("ascii")}
+def inline_blob(data: bytes, binary: bool = False) -> dict[str, Any]:
+    """An inline blob: base64 text for JSON (Lambda events, SQS), or the bytes themselves
+    where the message travels pickled (a local worker's socket), which spares both ends the
+    base64 of every argument and result."""
+    return {"inline": data if binary else base64.b64encode(data).decode("ascii")}
 
 
 def is_stored(blob: dict[str, Any] | None) -> bool:
     return bool(blob) and "stored" in blob
 
 
-def read_inline(blob: dict[str, str]) -> bytes:
-    return base64.b64decode(blob["inline"], validate=True)
+def read_inline(blob: dict[str, Any]) -> bytes:
+    inline = blob["inline"]
+    if isinstance(inline, bytes):
+        return inline
+    return base64.b64decode(inline, validate=True)
 
 
 # -- payloads ------------------------------------------------------------------------------
@@ -280,7 +286,7 @@ def _check_blob(blob: Any, what: str) -> None:
     if blob is None:
         return
     if not isinstance(blob, dict) or len(blob) != 1 or not (
-            blob.get("stored") is True or isinstance(blob.get("inline"), str)):
+            blob.get("stored") is True or isinstance(blob.get("inline"), (str, bytes))):
         raise ProtocolError(f"{what} is not a blob reference")
 
 

@@ -245,7 +245,7 @@ def _store_blob(event, store, key: bytes, data: bytes, room: int = 0):
     room += len(json.dumps(_output_text() or ""))
     limit = event.get("inline_limit", protocol.DEFAULT_INLINE_LIMIT) - room
     if protocol.fits_inline(len(data), limit):
-        blob = protocol.inline_blob(data)
+        blob = protocol.inline_blob(data, binary=event["reply"] == "local:")
     else:
         store.put(protocol.result_key(event["executor"], event["task"], event["attempt"]), data)
         blob = dict(protocol.STORED)

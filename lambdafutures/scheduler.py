@@ -215,7 +215,7 @@ class Scheduler:
                 self.blobs.ensure_stored(digests, self.backend.store, self.id)
             task.payload_sha256 = protocol.digest(data)
             if protocol.fits_inline(len(data), self.backend.inline_limit):
-                task.blob = protocol.inline_blob(data)
+                task.blob = protocol.inline_blob(data, binary=self.backend.binary_inline)
             else:
                 self.backend.store.put(protocol.payload_key(self.id, task.id), data)
                 task.blob = dict(protocol.STORED)

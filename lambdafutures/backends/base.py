@@ -64,6 +64,9 @@ class Backend:
     # True where an accepted invoke may wait in the platform's own queue (Lambda's async
     # queue): events then carry an expiry, and time queued is not counted against a task.
     platform_queue: bool = False
+    # True where events and completions travel pickled, not as JSON (a local worker's
+    # socket): inline blobs then go as bytes, not base64.
+    binary_inline: bool = False
 
     def close(self) -> None:
         for close in reversed(self.closers):

@@ -109,6 +109,8 @@ def open_local_backend(
         # keep workers busier and make cancel() succeed less often; none would leave each
         # worker idle for a round trip between tasks.
         prefetch=processes,
+        # Events and completions cross the worker's socket pickled (handler/frames.py).
+        binary_inline=True,
     )
 
 

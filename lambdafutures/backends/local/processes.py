@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 log = logging.getLogger("lambdafutures")
 
@@ -51,11 +52,27 @@ def worker_env(blas_threads: int | None, extra: dict[str, str | None] | None) ->
     return env
 
 
+# A fork elsewhere in the host (a ProcessPoolExecutor's, os.fork) while a worker starts would
+# hand the child Popen's internal pipe and the worker's socket: Popen would then wait for
+# that child to exit, and shutdown() with it. A fork waits for a start in progress instead.
+# (Re-entrant: Popen itself forks without running these hooks, but need not be trusted to.)
+_starting = threading.RLock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_starting.acquire, after_in_parent=_starting.release,
+                        after_in_child=_starting.release)
+
+
 def start_worker(timeout: float | None,
                  env: dict[str, str]) -> tuple[subprocess.Popen, socket.socket]:
     """Start a worker process; returns it and the host's end of its socket. Returns as soon
     as the process exists: the worker's interpreter starts meanwhile, and an event sent
     before it is ready waits in the socket."""
+    with _starting:
+        return _start_worker(timeout, env)
+
+
+def _start_worker(timeout: float | None,
+                  env: dict[str, str]) -> tuple[subprocess.Popen, socket.socket]:
     host_end, worker_end = socket.socketpair()
     for end in (host_end, worker_end):
         try:
