@@ -229,7 +229,7 @@ class _IgnoredCompletions(logging.Handler):
         self.count = 0
 
     def emit(self, record):
-        if record.msg.startswith("ignoring a duplicate or stale completion"):
+        if record.msg.startswith("dropping a duplicate or stale completion"):
             self.count += 1
 
 
