@@ -17,6 +17,8 @@ import os
 import sys
 import uuid
 
+from ..backends.local.processes import with_changes
+
 HANDLER = "lambdafutures_handler.worker.handle"
 
 # Stand-ins for the credentials of the function's execution role.
@@ -75,12 +77,7 @@ def lambda_environment(
         env["AWS_ENDPOINT_URL_LAMBDA"] = lambda_url
     if os.environ.get("PYTHONPATH"):
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    for name, value in (extra or {}).items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
+    return with_changes(env, extra)
 
 
 def without_host(env: dict[str, str]) -> dict[str, str | None]:

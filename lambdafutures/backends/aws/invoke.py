@@ -20,19 +20,30 @@ from .retry import INVOKE, RetryBudget, RetryPolicy, is_retryable
 __all__ = ["LambdaInvoker", "is_retryable"]
 
 
-class LambdaInvoker:
-    """Async-invokes `function_name` with a boto3 Lambda client whose own retries are off."""
+class RetriedInvoker:
+    """An invoke under a retry policy and a retry budget shared by the invoker's threads;
+    subclasses send one attempt (`_invoke`)."""
 
-    def __init__(self, client: Any, function_name: str, *, policy: RetryPolicy = INVOKE,
-                 budget: RetryBudget | None = None) -> None:
-        self._client = client
-        self._function_name = function_name
+    def __init__(self, policy: RetryPolicy, budget: RetryBudget | None) -> None:
         self._policy = policy
         self.budget = budget if budget is not None else RetryBudget()
 
     def invoke(self, event: dict[str, Any]) -> None:
         body = json.dumps(event).encode()
         self._policy.call(lambda: self._invoke(body), budget=self.budget)
+
+    def _invoke(self, body: bytes) -> None:
+        raise NotImplementedError
+
+
+class LambdaInvoker(RetriedInvoker):
+    """Async-invokes `function_name` with a boto3 Lambda client whose own retries are off."""
+
+    def __init__(self, client: Any, function_name: str, *, policy: RetryPolicy = INVOKE,
+                 budget: RetryBudget | None = None) -> None:
+        super().__init__(policy, budget)
+        self._client = client
+        self._function_name = function_name
 
     def _invoke(self, body: bytes) -> None:
         response = self._client.invoke(FunctionName=self._function_name,

@@ -31,7 +31,7 @@ import threading
 from typing import Any
 from urllib.parse import quote
 
-from .invoke import LambdaInvoker
+from .invoke import LambdaInvoker, RetriedInvoker
 from .retry import INVOKE, RetryBudget, RetryPolicy
 from .signed_http import Interrupted, SignedTransport, client_error, lean_unsupported
 
@@ -71,7 +71,7 @@ def _lean_wanted(option: str, kind: str, client: Any) -> bool:
     return reason is None
 
 
-class LeanLambdaInvoker:
+class LeanLambdaInvoker(RetriedInvoker):
     """Async-invokes `function_name` as `client.invoke(InvocationType="Event")` would.
 
     Args:
@@ -88,12 +88,7 @@ class LeanLambdaInvoker:
         self.transport = SignedTransport(client, session, "lambda", connections=connections)
         self._path = f"/2015-03-31/functions/{quote(function_name, safe='')}/invocations"
         self._headers = {"X-Amz-Invocation-Type": "Event"}
-        self._policy = policy
-        self.budget = budget if budget is not None else RetryBudget()
-
-    def invoke(self, event: dict[str, Any]) -> None:
-        body = json.dumps(event).encode()
-        self._policy.call(lambda: self._invoke(body), budget=self.budget)
+        super().__init__(policy, budget)
 
     def _invoke(self, body: bytes) -> None:
         status, headers, data = self.transport.post(self._path, self._headers, body)

@@ -44,7 +44,12 @@ def worker_env(blas_threads: int | None, extra: dict[str, str | None] | None) ->
     if blas_threads is not None:
         for variable in _BLAS_THREAD_VARIABLES:
             env[variable] = str(blas_threads)
-    for name, value in (extra or {}).items():
+    return with_changes(env, extra)
+
+
+def with_changes(env: dict[str, str], changes: dict[str, str | None] | None) -> dict[str, str]:
+    """`env` with `changes` applied: a None value removes that variable."""
+    for name, value in (changes or {}).items():
         if value is None:
             env.pop(name, None)
         else:
