@@ -158,7 +158,7 @@ def _run(event: dict[str, Any], stats: dict[str, Any], store: Any,
         if pickled is not None:
             # The texts travel in the same queue message as an inline blob: leave them room.
             room = len(json.dumps(message)) + len(json.dumps(tb))
-            result, sig = _store_blob(event, store, key, pickled, room)
+            result, sig = _store_blob(event, store, pickled, room)
         return failed(protocol.USER, exceptions.qualified_name(type(exc)), message, tb, result,
                       sig)
     stats["job_done"] = time.time()
@@ -170,7 +170,7 @@ def _run(event: dict[str, Any], stats: dict[str, Any], store: Any,
         return failed(protocol.SERIALIZATION, type(exc).__name__,
                       f"result of type {exceptions.qualified_name(type(value))} cannot be "
                       f"pickled: {exc}", traceback.format_exc())
-    result, sha256 = _store_blob(event, store, key, pickled)
+    result, sha256 = _store_blob(event, store, pickled)
     _finish_stats(stats)
     return protocol.make_completion(event, key, status="ok", stats=stats, result=result,
                                     result_sha256=sha256, output=_output_text())
@@ -238,9 +238,9 @@ def _load_payload(data: bytes, store: Any = None,
     return fn, calls, batch, initializer
 
 
-def _store_blob(event, store, key: bytes, data: bytes, room: int = 0):
+def _store_blob(event, store, data: bytes, room: int = 0):
     """(blob reference, SHA-256 of `data`): inline if it fits, else in the store under the
-    key both ends compute. `key` is unused: the completion's signature covers the hash."""
+    key both ends compute. The completion's signature covers the hash."""
     # The task's output travels in the same message: leave it room too.
     room += len(json.dumps(_output_text() or ""))
     limit = event.get("inline_limit", protocol.DEFAULT_INLINE_LIMIT) - room

@@ -39,7 +39,6 @@ pickling a function by value (one in `__main__`, say) costs far more than a no-o
 from __future__ import annotations
 
 import dis
-import logging
 import operator
 import sys
 import types
@@ -63,9 +62,6 @@ from .pickler import (
     _ship_local_modules,
 )
 from .pickler import ship_by_value as ship_by_value
-
-log = logging.getLogger("lambdafutures")
-
 
 
 def dumps_call(fn: Any, calls: list[tuple[tuple, dict]], batch: bool,
